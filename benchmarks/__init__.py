@@ -1,0 +1,1 @@
+"""Benchmarks of the model host against one model per process."""

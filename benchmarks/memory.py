@@ -1,0 +1,219 @@
+"""Memory of N consumers: one model per process versus the shared host.
+
+For each setup it starts the processes, lets each embed the same sample texts, then
+sums RSS, PSS and USS over every process involved (host supervisor, workers and
+clients, or the naive consumers) while all are alive. PSS sums are the honest joint
+footprint: shared pages are split between the processes that map them.
+
+    python -m benchmarks.memory --model bundled --consumers 2
+    python -m benchmarks.memory --model kure --consumers 2 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shm_model.client import wait_for_host
+from shm_model.memory import process_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_name(model: str) -> str:
+    if model == "kure":
+        from benchmarks.kure_model import build
+
+        return str(build())
+    return model
+
+
+@dataclass
+class Result:
+    setup: str
+    consumers: int
+    rss: int
+    pss: int
+    uss: int
+    seconds: float
+    detail: dict[str, Any]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}, **extra)
+    return env
+
+
+def _start_consumers(mode: str, model: str, n: int, env: dict[str, str]) -> list[subprocess.Popen[str]]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.consumer", mode, model],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(n)
+    ]
+
+
+def _wait_ready(procs: list[subprocess.Popen[str]], timeout: float = 600.0) -> list[dict[str, Any]]:
+    out = []
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"consumer {proc.pid} exited with {proc.wait(timeout)} before it was ready")
+        out.append(json.loads(line))
+    return out
+
+
+def _sum(pids: list[int]) -> dict[str, int]:
+    total = {"rss": 0, "pss": 0, "uss": 0}
+    for pid in pids:
+        figures = process_memory(pid) or {}
+        for key in total:
+            total[key] += figures.get(key, 0)
+    return total
+
+
+def _end(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            if proc.stdin:
+                proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_naive(model: str, n: int, mode: str = "local") -> Result:
+    started = time.perf_counter()
+    procs = _start_consumers(mode, model, n, _env())
+    try:
+        ready = _wait_ready(procs)
+        total = _sum([p.pid for p in procs])
+    finally:
+        _end(procs)
+    name = "naive (one model per process)" if mode == "local" else "naive, copied weights"
+    return Result(
+        name,
+        n,
+        **total,
+        seconds=time.perf_counter() - started,
+        detail={"first_vector_s": [r["first_vector_s"] for r in ready]},
+    )
+
+
+def run_host(model: str, n: int, placement: str, workers: int) -> Result:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shm-bench-") as tmp:
+        sock = os.path.join(tmp, "run", "host.sock")
+        env = _env(
+            MODEL_NAME=model,
+            SHM_MODEL_SOCKET=sock,
+            SHM_MODEL_WEIGHTS=placement,
+            SHM_MODEL_WORKERS=str(workers),
+            SHM_MODEL_LOG_LEVEL="warning",
+        )
+        host = subprocess.Popen(
+            [sys.executable, "-m", "shm_model", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            wait_for_host(sock, timeout=600)
+            procs = _start_consumers("client", model, n, env)
+            ready = _wait_ready(procs)
+            from shm_model.client import HostClient
+
+            with HostClient(sock) as client:
+                status = client.status()
+            tree = [status["pid"]] + [w["pid"] for w in status["workers"]]
+            host_total = _sum(tree)
+            clients_total = _sum([p.pid for p in procs])
+        finally:
+            _end(procs)
+            host.send_signal(signal.SIGTERM)
+            try:
+                host.wait(60)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait()
+    total = {k: host_total[k] + clients_total[k] for k in host_total}
+    return Result(
+        f"host, weights={placement}, {workers} workers",
+        n,
+        **total,
+        seconds=time.perf_counter() - started,
+        detail={
+            "host": host_total,
+            "clients": clients_total,
+            "weights": status.get("weights"),
+            "weight_bytes": status.get("weight_bytes"),
+            "first_vector_s": [r["first_vector_s"] for r in ready],
+        },
+    )
+
+
+def table(results: list[Result], reference_pss: int) -> str:
+    lines = [
+        "| setup | consumers | RSS sum (MB) | PSS sum (MB) | USS sum (MB) | PSS / one in-process model |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.setup} | {r.consumers} | {r.rss / 2**20:,.0f} | {r.pss / 2**20:,.0f} | "
+            f"{r.uss / 2**20:,.0f} | {r.pss / reference_pss:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bundled", help="bundled, kure (KURE-shaped, built on first use) or a path")
+    parser.add_argument("--consumers", type=int, nargs="+", default=[2])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--placements", nargs="+", default=["auto", "shm"], choices=["auto", "shm"])
+    parser.add_argument("--no-copied", action="store_true", help="skip the copied-weights naive setup")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    model = model_name(args.model)
+    print(f"model: {args.model} ({model})", file=sys.stderr)
+    reference = run_naive(model, 1)
+    results = [reference]
+    for n in args.consumers:
+        steps = [("naive", lambda n=n: run_naive(model, n))]
+        if not args.no_copied:
+            steps.append(("copied", lambda n=n: run_naive(model, n, "copied")))
+        steps += [(p, lambda n=n, p=p: run_host(model, n, p, args.workers)) for p in args.placements]
+        for label, step in steps:
+            print(f"  {n} consumers: {label} ...", file=sys.stderr, flush=True)
+            results.append(step())
+    print(table(results, reference.pss))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([r.__dict__ for r in results], fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

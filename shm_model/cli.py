@@ -1,0 +1,158 @@
+"""The ``shm-model`` command: serve the model host, and talk to a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from config.model_config import settings_help
+from shm_model.errors import ConfigError, ModelLoadError, ShmModelError
+
+EXIT_USAGE = 2
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Before torch is imported: the supervisor must never start an intra-op thread pool
+    # (workers set their own thread count after fork), and tokenizers must not either.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from config.model_config import HostConfig, ModelConfig
+    from shm_model import logs
+
+    host_cfg = HostConfig.load()
+    logs.setup(host_cfg.log_level, role="supervisor")
+    from shm_model.supervisor import Supervisor
+
+    return Supervisor(ModelConfig.load(), host_cfg).run()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from shm_model.client import HostClient
+
+    return HostClient(args.socket, timeout=args.timeout)
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2, ensure_ascii=False))
+        return 0
+    mem = status["memory"]
+    print(
+        f"model        {status['model']} ({status['device']}, dim {status['dimension']}, "
+        f"max {status['max_seq_length']} tokens)"
+    )
+    print(
+        f"supervisor   pid {status['pid']}, up {status['uptime_s']:.0f}s, generation {status['generation']}, "
+        f"{status['start_method']} workers x {status['threads_per_worker']} threads"
+    )
+    print(
+        f"weights      {_mb(status.get('weight_bytes'))}, placement {status['weight_placement']} "
+        f"{ {k: _mb(v) for k, v in (status.get('weights') or {}).items()} }"
+    )
+    print(
+        f"queue        {status['in_flight']} in flight / {status['queue_size']}, {status['queue_depth']} pieces waiting"
+    )
+    print(f"memory       RSS {_mb(mem['rss'])}  PSS {_mb(mem['pss'])}  USS {_mb(mem['uss'])} (host process tree)")
+    print(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>9} {'batches':>8} {'RSS':>10} {'PSS':>10} {'USS':>10}")
+    for w in status["workers"]:
+        print(
+            f"{w['pid']:>8} {w['generation']:>4} {w['state']:<9} {w['requests_served']:>9} {w['batches']:>8} "
+            f"{_mb(w.get('rss')):>10} {_mb(w.get('pss')):>10} {_mb(w.get('uss')):>10}"
+        )
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    texts = args.text if args.text != ["-"] else [line.rstrip("\n") for line in sys.stdin]
+    with _client(args) as client:
+        vectors = client.encode(texts, normalize_embeddings=args.normalize, prompt_name=args.prompt_name)
+    if args.json:
+        json.dump([[float(x) for x in row] for row in vectors], sys.stdout)
+        print()
+        return 0
+    import numpy as np
+
+    for text, row in zip(texts, vectors, strict=True):
+        head = " ".join(f"{x:+.4f}" for x in row[:6])
+        print(f"dim={row.shape[0]} norm={float(np.linalg.norm(row)):.4f} [{head} ...] {text[:60]!r}")
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.reload(timeout=max(args.timeout or 0, 600.0))
+    print(f"reloaded {info['model']}: generation {info['generation']}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.stop()
+    print(f"host pid {info['pid']} is stopping")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shm-model",
+        description="Host one sentence-embedding model for many processes: the weights live "
+        "once in shared memory, forked workers encode, clients talk over a Unix socket.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--socket", help="host socket (default: SHM_MODEL_SOCKET or its default)")
+    parser.add_argument("--timeout", type=float, default=None, help="request timeout in seconds")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=settings_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    add("serve", _serve, "run the host in the foreground (SIGTERM/SIGINT drain, SIGHUP reloads)")
+    p = add("status", _status, "show the running host: model, workers, queue, memory")
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p = add("encode", _encode, "embed TEXT arguments (or '-' for one text per stdin line)")
+    p.add_argument("text", nargs="+", help="texts to embed, or - to read lines from stdin")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors")
+    p.add_argument("--prompt-name", default=None, help="a prompt of the model, e.g. query")
+    p.add_argument("--json", action="store_true", help="print the vectors as a JSON array")
+    add("reload", _reload, "load the model again and replace the workers without failing requests")
+    add("stop", _stop, "stop the host gracefully (in-flight requests finish)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.socket:
+        os.environ["SHM_MODEL_SOCKET"] = args.socket
+    try:
+        return int(args.func(args))
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"shm-model: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShmModelError as exc:
+        print(f"shm-model: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Client of the model host: ``SentenceTransformer.encode`` over a Unix socket.
+
+It imports neither torch nor sentence_transformers (only numpy), so a process that
+uses it starts in milliseconds and holds no copy of the model. It is thread-safe: each
+request borrows a connection from a small pool, and a connection that saw a timeout or
+an error is closed, never reused, so a late reply can never answer another request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from config.model_config import SETTINGS, default_socket_path
+from shm_model.errors import (
+    BadRequest,
+    HostUnavailable,
+    PermissionDenied,
+    ProtocolError,
+    RequestTimeout,
+)
+from shm_model.protocol import (
+    ConnectionClosed,
+    Frame,
+    pack,
+    raise_for_reply,
+    recv_frame,
+    validate_texts,
+    vectors_from_frame,
+)
+
+#: Texts and bytes sent in one request; longer inputs go as several requests.
+CHUNK_TEXTS = 1024
+CHUNK_BYTES = 8 * 1024 * 1024
+#: Bound on a reply frame: CHUNK_TEXTS vectors of up to 65,536 float32 each, plus headers.
+MAX_REPLY_BYTES = CHUNK_TEXTS * 65536 * 4 + (1 << 20)
+#: How much later than the deadline the client gives up on a silent host.
+DEADLINE_SLACK = 0.05
+
+
+def _env_timeout() -> float:
+    setting = next(s for s in SETTINGS if s.env == "SHM_MODEL_REQUEST_TIMEOUT")
+    raw = os.environ.get(setting.env)
+    return setting.parse(setting.env, raw) if raw else float(setting.default)
+
+
+class HostClient:
+    """Encode with the shared model host.
+
+    ``socket_path`` defaults to ``SHM_MODEL_SOCKET`` (or its default); ``timeout`` (seconds)
+    to ``SHM_MODEL_REQUEST_TIMEOUT``. Errors are the typed ones of ``shm_model.errors``.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float | None = None,
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.socket_path = socket_path or os.environ.get("SHM_MODEL_SOCKET") or default_socket_path()
+        self.timeout = timeout if timeout is not None else _env_timeout()
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    # --- connections -----------------------------------------------------------------
+
+    def _connect(self, deadline: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.001, min(self.connect_timeout, deadline - time.monotonic())))
+        try:
+            sock.connect(self.socket_path)
+        except PermissionError as exc:
+            sock.close()
+            raise PermissionDenied(
+                f"cannot connect to the host at {self.socket_path}: {exc.strerror} "
+                "(the host runs as another user or its socket is private)",
+                socket=self.socket_path,
+            ) from None
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise HostUnavailable(
+                f"no host is serving {self.socket_path} ({exc.strerror}); start one with 'shm-model serve'",
+                socket=self.socket_path,
+            ) from None
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            raise HostUnavailable(
+                f"cannot connect to the host at {self.socket_path}: {exc}", socket=self.socket_path
+            ) from None
+        return sock
+
+    def _acquire(self, deadline: float) -> tuple[socket.socket, bool]:
+        with self._lock:
+            if self._closed:
+                raise HostUnavailable("this client is closed")
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(deadline), False
+
+    def _release(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.pool_size:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def __enter__(self) -> HostClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests ----------------------------------------------------------------------
+
+    def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> Frame:
+        """Send one request and return its successful reply frame, or raise its typed error."""
+        timeout = self.timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise BadRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        return self._request(op, time.monotonic() + timeout, fields)
+
+    def _request(self, op: str, deadline: float, fields: dict[str, Any]) -> Frame:
+        rid = next(self._ids)
+        for attempt in range(2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeout("the request's deadline passed before it was sent")
+            header = {"id": rid, "op": op, "timeout_ms": round(remaining * 1000, 3), **fields}
+            sock, reused = self._acquire(deadline)
+            try:
+                sock.settimeout(max(0.001, remaining + DEADLINE_SLACK))
+                sock.sendall(pack(header))
+                frame = recv_frame(sock, MAX_REPLY_BYTES)
+            except TimeoutError:
+                sock.close()
+                raise RequestTimeout(
+                    f"no reply from the host within {remaining:.3f}s", timeout=round(remaining, 3)
+                ) from None
+            except (ConnectionClosed, ConnectionError) as exc:
+                sock.close()
+                at_boundary = not isinstance(exc, ConnectionClosed) or exc.at_boundary
+                if reused and attempt == 0 and at_boundary:
+                    continue  # a pooled connection the host had closed; try a fresh one once
+                raise HostUnavailable(
+                    f"the host at {self.socket_path} closed the connection ({exc})", socket=self.socket_path
+                ) from None
+            except BaseException:
+                sock.close()
+                raise
+            if frame.header.get("id") != rid and frame.header.get("ok") is not False:
+                sock.close()
+                raise ProtocolError(f"reply for request {frame.header.get('id')!r}, expected {rid}")
+            if frame.header.get("ok") is False and frame.header.get("id") is None:
+                sock.close()  # a connection-level error: the host closes this connection
+            else:
+                self._release(sock)
+            return raise_for_reply(frame)
+        raise HostUnavailable(f"the host at {self.socket_path} keeps closing connections")
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("ping", timeout=timeout).header["result"]
+
+    def info(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("info", timeout=timeout).header["result"]
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("status", timeout=timeout).header["result"]
+
+    def reload(self, timeout: float | None = 600.0) -> dict[str, Any]:
+        return self.request("reload", timeout=timeout).header["result"]
+
+    def stop(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("stop", timeout=timeout).header["result"]
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return int(self.info()["dimension"])
+
+    get_embedding_dimension = get_sentence_embedding_dimension
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.info()["max_seq_length"])
+
+    # --- encode ------------------------------------------------------------------------
+
+    def encode(
+        self,
+        sentences: str | Iterable[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = False,
+        output_value: str | None = "sentence_embedding",
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Embed ``sentences`` like ``SentenceTransformer.encode``.
+
+        A string gives a 1-D array, a list a 2-D array (an empty list: shape (0, dim)).
+        ``batch_size`` sets the request size when a progress bar is shown; the host forms
+        its own batches across all clients. ``timeout`` bounds the whole call.
+        """
+        if output_value != "sentence_embedding" or precision != "float32":
+            raise BadRequest("the host returns float32 sentence embeddings only")
+        if batch_size < 1:
+            raise BadRequest(f"batch_size must be >= 1, got {batch_size}")
+        single = isinstance(sentences, str)
+        if single:
+            texts = [sentences]
+        elif isinstance(sentences, bytes | bytearray) or not isinstance(sentences, Iterable):
+            raise BadRequest(f"sentences must be a string or a list of strings, not {type(sentences).__name__}")
+        else:
+            texts = validate_texts(list(sentences))
+        timeout = self.timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise BadRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        deadline = time.monotonic() + timeout
+        fields: dict[str, Any] = {}
+        if prompt is not None:
+            fields["prompt"] = prompt
+        elif prompt_name is not None:
+            fields["prompt_name"] = prompt_name
+
+        chunks = list(_chunks(texts, batch_size if show_progress_bar else CHUNK_TEXTS))
+        progress = None
+        if show_progress_bar and len(chunks) > 1:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(texts), desc="Batches", unit="text")
+        result: np.ndarray | None = None
+        try:
+            offset = 0
+            for chunk in chunks:
+                vectors = vectors_from_frame(self._request("encode", deadline, {"texts": chunk, **fields}))
+                if vectors.shape[0] != len(chunk):
+                    raise ProtocolError(f"host returned {vectors.shape[0]} vectors for {len(chunk)} texts")
+                if result is None:
+                    result = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+                result[offset : offset + len(chunk)] = vectors
+                offset += len(chunk)
+                if progress is not None:
+                    progress.update(len(chunk))
+        finally:
+            if progress is not None:
+                progress.close()
+        assert result is not None
+        if normalize_embeddings and len(result):
+            norms = np.linalg.norm(result, axis=1, keepdims=True)
+            result = result / np.maximum(norms, 1e-12)
+        if convert_to_tensor:
+            import torch
+
+            tensor = torch.from_numpy(result)
+            return tensor[0] if single else tensor
+        if not convert_to_numpy:
+            import torch
+
+            rows = [torch.from_numpy(row) for row in result]
+            return rows[0] if single else rows
+        return result[0] if single else result
+
+
+def _chunks(texts: list[str], size: int) -> Iterable[list[str]]:
+    """Split texts into requests of at most ``size`` texts and about CHUNK_BYTES."""
+    if not texts:
+        yield []
+        return
+    chunk: list[str] = []
+    nbytes = 0
+    for text in texts:
+        n = len(text.encode("utf-8"))
+        if chunk and (len(chunk) >= size or nbytes + n > CHUNK_BYTES):
+            yield chunk
+            chunk, nbytes = [], 0
+        chunk.append(text)
+        nbytes += n
+    yield chunk
+
+
+def wait_for_host(socket_path: str | None = None, timeout: float = 60.0, interval: float = 0.05) -> dict[str, Any]:
+    """Poll until a host answers a ping on ``socket_path``; raise HostUnavailable at the deadline."""
+    deadline = time.monotonic() + timeout
+    client = HostClient(socket_path, timeout=min(5.0, timeout))
+    try:
+        while True:
+            try:
+                return client.ping()
+            except (HostUnavailable, RequestTimeout):
+                if time.monotonic() >= deadline:
+                    raise HostUnavailable(f"no host answered on {client.socket_path} within {timeout:g}s") from None
+                time.sleep(interval)
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()

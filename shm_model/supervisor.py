@@ -1,0 +1,986 @@
+"""The supervisor: loads the model once, forks workers that share its weights, and
+serves the request queue on a Unix socket.
+
+Its life, in order: take the socket directory's lock and clean what a dead host left,
+load the model and place its weights for sharing, freeze the heap, fork the workers,
+then run one asyncio loop that
+
+* accepts connections (peer uid checked) and admits requests into a bounded queue;
+* cuts requests into pieces and hands batches of pieces to idle workers, capped by
+  sentence count, estimated padded tokens and bytes (continuous, greedy batching);
+* answers each request by its deadline, with vectors or a typed error;
+* replaces workers that die (their batch is retried once, each piece alone) or that
+  overrun a deadline (SIGABRT, then SIGKILL);
+* reloads the model on SIGHUP without failing a request, and drains on SIGTERM/SIGINT.
+
+The supervisor never runs the model itself and never starts a torch thread pool, so
+that every fork is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import gc
+import glob
+import itertools
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from config.model_config import HostConfig, ModelConfig
+from shm_model.errors import (
+    BadRequest,
+    ConfigError,
+    HostUnavailable,
+    InternalError,
+    Overloaded,
+    PayloadTooLarge,
+    PermissionDenied,
+    ProtocolError,
+    RequestTimeout,
+    ShmModelError,
+    WorkerCrashed,
+)
+from shm_model.memory import process_memory
+from shm_model.protocol import (
+    ConnectionClosed,
+    Frame,
+    error_reply,
+    optional_str,
+    pack,
+    read_frame,
+    request_id,
+    request_op,
+    request_timeout,
+    result_reply,
+    validate_texts,
+    vectors_from_frame,
+    vectors_reply,
+)
+from workers.backends import Backend, estimate_tokens, load_backend
+from workers.worker import WORKER_BOOT_ERROR, Worker, channel_frame_limit, run_forked
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 300.0  # a spawned worker may load a large model before it is ready
+MAX_BOOT_FAILURES = 5
+KILL_AFTER = 1.0  # seconds between SIGABRT and SIGKILL of a stuck worker
+WORKER_STOP_TIMEOUT = 5.0
+MAX_CONNECTION_BUFFER = 64 * 1024 * 1024  # a client that stops reading is disconnected
+
+
+@dataclass(eq=False)
+class Request:
+    id: Any
+    conn: Connection
+    texts: list[str]
+    prompt: str | None
+    timeout: float
+    deadline: float  # loop time
+    result: np.ndarray
+    remaining: int = 0
+    done: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class Piece:
+    request: Request
+    start: int
+    stop: int
+    tokens: int  # estimated tokens of the longest text
+    nbytes: int
+    failures: int = 0
+    solo: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    pid: int
+    generation: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    started: float
+    state: str = "starting"  # starting | idle | busy | retiring | dead
+    batch: list[Piece] | None = None
+    watchdog: asyncio.TimerHandle | None = None
+    aborted: bool = False
+    requests_served: int = 0
+    batches: int = 0
+    texts: int = 0
+    ready: asyncio.Future[dict[str, Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass(eq=False)
+class Connection:
+    writer: asyncio.StreamWriter
+    uid: int
+    closed: bool = False
+
+    def send(self, data: bytes) -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        if self.writer.transport.get_write_buffer_size() > MAX_CONNECTION_BUFFER:
+            log.warning("client (uid %d) stopped reading replies; disconnecting it", self.uid)
+            self.close()
+            return
+        self.writer.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+class Supervisor:
+    def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig) -> None:
+        self.model_cfg = model_cfg
+        self.cfg = host_cfg
+        self.socket_path = host_cfg.socket_path
+        self.lock_path = host_cfg.socket_path + ".lock"
+        self.started = time.time()
+        self.exit_code = 0
+        self._lock_fd: int | None = None
+        self._made_dir = False
+        self._backend: Backend | None = None
+        self._meta: dict[str, Any] = {}
+        self._device = "cpu"
+        self._start_method = "fork"
+        self._worker_count = 1
+        self._threads = 1
+        self._generation = 0
+        self._workers: dict[int, WorkerHandle] = {}
+        self._queue: collections.deque[Piece] = collections.deque()
+        self._requests: set[Request] = set()
+        self._connections: set[Connection] = set()
+        self._batch_ids = itertools.count(1)
+        self._boot_failures = 0
+        self._loading = False
+        self._respawns_deferred = 0
+        self._stopping = False
+        self._server: asyncio.base_events.Server | None = None
+        self._listen: socket.socket | None = None
+        self._changed: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._popen: dict[int, subprocess.Popen[bytes]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # --- life ------------------------------------------------------------------------
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine as a task that is kept alive until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        self._take_lock()
+        try:
+            self._device = self._resolve_device()
+            self._start_method = self.cfg.resolved_start_method(self._device)
+            self._worker_count = self.cfg.worker_count(self._device)
+            self._threads = self.cfg.threads_for(self._worker_count)
+            if self._worker_count * self._threads > (os.cpu_count() or 1):
+                log.warning(
+                    "%d workers x %d threads exceeds %d cores; expect contention",
+                    self._worker_count,
+                    self._threads,
+                    os.cpu_count(),
+                )
+            if self._start_method == "fork":
+                self._backend = self._load()
+                self._meta = self._describe(self._backend)
+            return asyncio.run(self._serve())
+        finally:
+            self._cleanup_files()
+
+    def _resolve_device(self) -> str:
+        if self.cfg.backend == "dummy":
+            return "cpu"
+        from workers.backends import resolve_device
+
+        return resolve_device(self.model_cfg.device)
+
+    def _load(self) -> Backend:
+        self._loading = True
+        try:
+            started = time.perf_counter()
+            backend = load_backend(self.model_cfg, self.cfg)
+            log.info(
+                "loaded %s (%s, dim %d) in %.2fs; weights %s",
+                backend.name,
+                self._device,
+                backend.dimension,
+                time.perf_counter() - started,
+                getattr(backend, "placement", {}),
+            )
+            return backend
+        finally:
+            self._loading = False
+
+    @staticmethod
+    def _describe(backend: Backend) -> dict[str, Any]:
+        meta = backend.describe()
+        meta["prompts"] = dict(backend.prompts)
+        return meta
+
+    async def _serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._done = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._begin_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self._reload_logged()))
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        gc.freeze()
+        try:
+            await self._start_generation(self._generation, self._backend)
+        except ShmModelError as exc:
+            log.error("%s", exc)
+            await self._stop_workers(list(self._workers.values()))
+            return WORKER_BOOT_ERROR
+        self._listen = self._bind()
+        self._server = await asyncio.start_unix_server(self._handle_connection, sock=self._listen, limit=1 << 16)
+        log.info(
+            "serving %s on %s: %d %s workers x %d threads",
+            self._meta.get("model"),
+            self.socket_path,
+            self._worker_count,
+            self._start_method,
+            self._threads,
+        )
+        await self._done.wait()
+        return self.exit_code
+
+    # --- socket directory, lock, stale files ---------------------------------------------
+
+    def _take_lock(self) -> None:
+        directory = os.path.dirname(self.socket_path)
+        mode = 0o711 if self.cfg.allowed_uids else 0o700
+        try:
+            os.makedirs(directory, mode=mode)
+            self._made_dir = True
+        except FileExistsError:
+            pass
+        st = os.stat(directory)
+        if st.st_uid != os.getuid():
+            raise ConfigError(
+                f"socket directory {directory} belongs to uid {st.st_uid}, not to this user "
+                f"({os.getuid()}); choose another SHM_MODEL_SOCKET"
+            )
+        if st.st_mode & 0o777 & ~mode:
+            raise ConfigError(
+                f"socket directory {directory} has mode {st.st_mode & 0o777:04o}; the host needs a "
+                f"private directory (mode {mode:04o}): run 'chmod {mode:o} {directory}' or choose "
+                "another SHM_MODEL_SOCKET"
+            )
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"another host (pid {holder}) is already serving {self.socket_path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        if os.path.exists(self.socket_path):
+            log.info("removing stale socket %s left by a host that died", self.socket_path)
+            os.unlink(self.socket_path)
+        self._remove_stale_segments()
+
+    @staticmethod
+    def _remove_stale_segments() -> None:
+        """Remove torch shared-memory files of processes that no longer exist."""
+        for path in glob.glob("/dev/shm/torch_*"):
+            try:
+                pid = int(os.path.basename(path).split("_")[1])
+                if os.stat(path).st_uid != os.getuid():
+                    continue
+                os.kill(pid, 0)
+            except (ValueError, IndexError, PermissionError, FileNotFoundError):
+                continue
+            except ProcessLookupError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    log.info("removed stale shared-memory file %s", path)
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177 if not self.cfg.allowed_uids else 0o111)
+        try:
+            sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o666 if self.cfg.allowed_uids else 0o600)
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    def _cleanup_files(self) -> None:
+        if self._listen is not None:
+            self._listen.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            if self._made_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.socket_path))
+
+    # --- workers ------------------------------------------------------------------------
+
+    async def _start_generation(self, generation: int, backend: Backend | None) -> None:
+        """Start a full set of workers and wait until every one is ready."""
+        handles = [await self._spawn(generation, backend) for _ in range(self._worker_count)]
+        for handle in handles:
+            try:
+                meta = await asyncio.wait_for(asyncio.shield(handle.ready), BOOT_TIMEOUT)
+            except (TimeoutError, asyncio.CancelledError):
+                raise InternalError(f"worker {handle.pid} did not become ready") from None
+            if self._start_method == "spawn":
+                self._meta = meta
+
+    async def _spawn(self, generation: int, backend: Backend | None) -> WorkerHandle:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self._start_method == "fork":
+            assert backend is not None
+            worker = Worker(
+                child_end.fileno(),
+                backend,
+                threads=self._threads,
+                generation=generation,
+                parent_pid=os.getpid(),
+                max_frame_bytes=self.cfg.max_frame_bytes,
+                forked=True,
+            )
+            pid = os.fork()
+            if pid == 0:  # child
+                run_forked(worker)
+        else:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "workers.worker",
+                    "--fd",
+                    str(child_end.fileno()),
+                    "--generation",
+                    str(generation),
+                    "--parent",
+                    str(os.getpid()),
+                    "--threads",
+                    str(self._threads),
+                ],
+                pass_fds=(child_end.fileno(),),
+            )
+            pid = proc.pid
+            self._popen[pid] = proc
+        child_end.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=1 << 16)
+        handle = WorkerHandle(pid, generation, reader, writer, time.time())
+        self._workers[pid] = handle
+        log.info("started worker %d (generation %d, %s)", pid, generation, self._start_method)
+        self._background(self._boot(handle))
+        return handle
+
+    async def _boot(self, w: WorkerHandle) -> None:
+        try:
+            frame = await asyncio.wait_for(
+                read_frame(w.reader, channel_frame_limit(self.cfg.max_frame_bytes)), BOOT_TIMEOUT
+            )
+            if frame.header.get("op") != "ready" or not isinstance(frame.header.get("backend"), dict):
+                raise ProtocolError(f"worker {w.pid} sent {frame.header!r:.200} instead of ready")
+        except (TimeoutError, ConnectionClosed, ShmModelError, OSError) as exc:
+            log.error("worker %d failed to boot: %s", w.pid, exc or type(exc).__name__)
+            self._worker_lost(w)
+            return
+        if w.state != "starting":
+            return
+        self._boot_failures = 0
+        w.state = "idle"
+        if not w.ready.done():
+            w.ready.set_result(frame.header["backend"])
+        if w.generation < self._generation:
+            self._retire(w)
+        self._dispatch()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._popen.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            w = self._workers.get(pid)
+            if w is not None:
+                if w.state not in ("retiring", "dead") and not self._stopping:
+                    log.warning("worker %d exited with %s", pid, _describe_exit(code))
+                self._worker_lost(w, code)
+            if self._changed:
+                self._changed.set()
+
+    def _worker_lost(self, w: WorkerHandle, exit_code: int | None = None) -> None:
+        if w.state == "dead":
+            if exit_code is not None:
+                self._workers.pop(w.pid, None)
+            return
+        booting = w.state == "starting"
+        w.state = "dead"
+        if w.watchdog:
+            w.watchdog.cancel()
+        w.writer.close()
+        if exit_code is not None:
+            self._workers.pop(w.pid, None)
+        if not w.ready.done():
+            w.ready.set_exception(InternalError(f"worker {w.pid} exited before it was ready"))
+            w.ready.exception()  # mark retrieved: the error is reported by whoever waits
+        pieces, w.batch = w.batch, None
+        if pieces:
+            if w.aborted:
+                for piece in pieces:
+                    self._fail(piece.request, RequestTimeout("the request's deadline passed"))
+            else:
+                self.counters["worker_crashes"] += 1
+                self._batch_failed(
+                    pieces,
+                    WorkerCrashed(
+                        "the request crashed a worker twice; it was not retried again",
+                        pid=w.pid,
+                    ),
+                    crashed=True,
+                )
+        if self._stopping or w.generation != self._generation:
+            self._notify()
+            return
+        if booting:
+            self._boot_failures += 1
+            if exit_code == WORKER_BOOT_ERROR or self._boot_failures >= MAX_BOOT_FAILURES:
+                log.error("workers keep failing to boot (%d times); stopping", self._boot_failures)
+                self.exit_code = WORKER_BOOT_ERROR
+                self._begin_stop("boot failure")
+                return
+        self._schedule_respawn()
+
+    def _schedule_respawn(self) -> None:
+        if self._loading:
+            self._respawns_deferred += 1
+            return
+        delay = 0.0 if not self._boot_failures else min(5.0, 0.1 * 2**self._boot_failures)
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, lambda: self._background(self._respawn()))
+
+    async def _respawn(self) -> None:
+        live = [w for w in self._workers.values() if w.generation == self._generation and w.state != "dead"]
+        if self._stopping or len(live) >= self._worker_count:
+            return
+        self.counters["respawns"] += 1
+        await self._spawn(self._generation, self._backend)
+
+    def _retire(self, w: WorkerHandle) -> None:
+        """Stop a worker of an older generation once it has no batch."""
+        if w.state == "busy":
+            return  # retired when its batch finishes
+        if w.state != "dead":
+            w.state = "retiring"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGTERM)
+
+    def _abort(self, w: WorkerHandle) -> None:
+        if w.state != "busy":
+            return
+        log.error(
+            "worker %d is past its batch deadline + %.1fs grace; aborting it",
+            w.pid,
+            self.cfg.worker_grace,
+        )
+        self.counters["worker_aborts"] += 1
+        w.aborted = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGABRT)
+        asyncio.get_running_loop().call_later(KILL_AFTER, self._kill, w.pid)
+
+    def _kill(self, pid: int) -> None:
+        if pid in self._workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    # --- connections and requests --------------------------------------------------------
+
+    async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid, uid, _ = struct.unpack("3i", creds)
+        conn = Connection(writer, uid)
+        if uid != os.getuid() and uid not in self.cfg.allowed_uids:
+            log.warning("refused a connection from uid %d (pid %d)", uid, peer_pid)
+            self.counters["refused"] += 1
+            conn.send(error_reply(None, PermissionDenied(f"uid {uid} may not use this host")))
+            conn.close()
+            return
+        self._connections.add(conn)
+        limit = self.cfg.max_frame_bytes
+        try:
+            while not conn.closed:
+                try:
+                    frame = await read_frame(reader, limit)
+                except ConnectionClosed:
+                    break
+                except (ProtocolError, PayloadTooLarge) as exc:
+                    self.counters[f"errors_{exc.code}"] += 1
+                    conn.send(error_reply(None, exc))
+                    break
+                except BadRequest as exc:  # frame consumed, connection still in step
+                    self.counters[f"errors_{exc.code}"] += 1
+                    conn.send(error_reply(None, exc))
+                    continue
+                self._handle_request(conn, frame)
+                if conn.writer.transport.get_write_buffer_size() > 1 << 20:
+                    await conn.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            conn.close()
+            self._connections.discard(conn)
+
+    def _handle_request(self, conn: Connection, frame: Frame) -> None:
+        header = frame.header
+        rid = header.get("id") if isinstance(header.get("id"), int | str) else None
+        try:
+            rid = request_id(header)
+            op = request_op(header)
+            if self._stopping and op not in ("ping", "status", "info", "stop"):
+                raise HostUnavailable("the host is shutting down")
+            if op == "encode":
+                self._submit(conn, rid, header)
+            elif op == "ping":
+                conn.send(result_reply(rid, {"pid": os.getpid(), "generation": self._generation}))
+            elif op == "info":
+                conn.send(result_reply(rid, self.info()))
+            elif op == "status":
+                conn.send(result_reply(rid, self.status()))
+            elif op == "reload":
+                self._background(self._reload_for(conn, rid))
+            elif op == "stop":
+                conn.send(result_reply(rid, {"stopping": True, "pid": os.getpid()}))
+                self._begin_stop("stop request")
+        except ShmModelError as exc:
+            self.counters[f"errors_{exc.code}"] += 1
+            conn.send(error_reply(rid, exc))
+
+    def _resolve_prompt(self, header: dict[str, Any]) -> str | None:
+        prompt = optional_str(header, "prompt")
+        name = optional_str(header, "prompt_name")
+        if prompt is not None or name is None:
+            return prompt
+        prompts = self._meta.get("prompts") or {}
+        if name not in prompts:
+            raise BadRequest(f"unknown prompt_name {name!r}; this model has: {', '.join(prompts) or 'none'}")
+        return prompts[name]
+
+    def _submit(self, conn: Connection, rid: Any, header: dict[str, Any]) -> None:
+        texts = validate_texts(header.get("texts"))
+        prompt = self._resolve_prompt(header)
+        timeout = min(request_timeout(header) or self.cfg.request_timeout, self.cfg.max_request_timeout)
+        dim = int(self._meta["dimension"])
+        self.counters["requests"] += 1
+        self.counters["texts"] += len(texts)
+        if not texts:
+            conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32)))
+            return
+        if len(self._requests) >= self.cfg.queue_size:
+            raise Overloaded(
+                f"the host has {len(self._requests)} requests in flight (limit {self.cfg.queue_size}); retry later",
+                limit=self.cfg.queue_size,
+            )
+        loop = asyncio.get_running_loop()
+        req = Request(
+            rid,
+            conn,
+            texts,
+            prompt,
+            timeout,
+            loop.time() + timeout,
+            np.empty((len(texts), dim), dtype=np.float32),
+        )
+        pieces = self._split(req)
+        req.remaining = len(pieces)
+        req.timer = loop.call_at(req.deadline, self._expire, req)
+        self._requests.add(req)
+        self._queue.extend(pieces)
+        self._dispatch()
+
+    def _split(self, req: Request) -> list[Piece]:
+        """Cut a request into pieces that each fit a batch on their own."""
+        max_len = int(self._meta.get("max_seq_length") or 512)
+        pieces: list[Piece] = []
+        start = longest = nbytes = 0
+        for i, text in enumerate(req.texts):
+            tokens = estimate_tokens(text, max_len)
+            size = len(text.encode("utf-8"))
+            count = i - start + 1
+            if count > 1 and (
+                count > self.cfg.max_batch_size
+                or count * max(longest, tokens) > self.cfg.max_batch_tokens
+                or nbytes + size > self.cfg.max_frame_bytes
+            ):
+                pieces.append(Piece(req, start, i, longest, nbytes))
+                start, longest, nbytes = i, 0, 0
+            longest = max(longest, tokens)
+            nbytes += size
+        pieces.append(Piece(req, start, len(req.texts), longest, nbytes))
+        return pieces
+
+    def _expire(self, req: Request) -> None:
+        if req.done:
+            return
+        self.counters["timeouts"] += 1
+        self._fail(req, RequestTimeout(f"the request timed out after {req.timeout:.3g}s", timeout=req.timeout))
+        if any(p.request is req for p in self._queue):
+            self._queue = collections.deque(p for p in self._queue if p.request is not req)
+
+    def _finish(self, req: Request) -> None:
+        req.done = True
+        if req.timer:
+            req.timer.cancel()
+        self._requests.discard(req)
+        req.conn.send(vectors_reply(req.id, req.result))
+        self._notify()
+
+    def _fail(self, req: Request, error: ShmModelError) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.timer:
+            req.timer.cancel()
+        self._requests.discard(req)
+        self.counters[f"errors_{error.code}"] += 1
+        req.conn.send(error_reply(req.id, error))
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed:
+            self._changed.set()
+
+    # --- batching --------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            worker = next(
+                (w for w in self._workers.values() if w.state == "idle" and w.generation == self._generation),
+                None,
+            )
+            if worker is None:
+                return
+            pieces = self._take_batch()
+            if not pieces:
+                return
+            worker.state, worker.batch = "busy", pieces
+            self._background(self._run_batch(worker, pieces))
+
+    def _take_batch(self) -> list[Piece]:
+        pieces: list[Piece] = []
+        count = longest = nbytes = 0
+        now = asyncio.get_running_loop().time()
+        while self._queue:
+            piece = self._queue[0]
+            if piece.request.done:
+                self._queue.popleft()
+                continue
+            if piece.request.deadline <= now:
+                self._expire(piece.request)  # also drops its queued pieces
+                continue
+            if pieces:
+                if piece.solo or pieces[0].solo or piece.request.prompt != pieces[0].request.prompt:
+                    break
+                new_longest = max(longest, piece.tokens)
+                if (
+                    count + piece.count > self.cfg.max_batch_size
+                    or (count + piece.count) * new_longest > self.cfg.max_batch_tokens
+                    or nbytes + piece.nbytes > self.cfg.max_frame_bytes
+                ):
+                    break
+            pieces.append(self._queue.popleft())
+            count += piece.count
+            longest = max(longest, piece.tokens)
+            nbytes += piece.nbytes
+        return pieces
+
+    async def _run_batch(self, w: WorkerHandle, pieces: list[Piece]) -> None:
+        """Send one batch to a worker marked busy with it, and deliver what comes back."""
+        try:
+            await self._exchange(w, pieces)
+        except Exception:
+            log.exception("batch handling failed on worker %d; this is a bug", w.pid)
+            for piece in pieces:
+                self._fail(piece.request, InternalError("the host failed to handle this request"))
+            self._kill(w.pid)
+
+    async def _exchange(self, w: WorkerHandle, pieces: list[Piece]) -> None:
+        loop = asyncio.get_running_loop()
+        batch_id = next(self._batch_ids)
+        texts = [t for p in pieces for t in p.request.texts[p.start : p.stop]]
+        deadline = max(p.request.deadline for p in pieces)
+        w.watchdog = loop.call_at(deadline + self.cfg.worker_grace, self._abort, w)
+        try:
+            w.writer.write(pack({"op": "encode", "id": batch_id, "texts": texts, "prompt": pieces[0].request.prompt}))
+            await w.writer.drain()
+            frame = await read_frame(w.reader, channel_frame_limit(self.cfg.max_frame_bytes))
+        except (ConnectionClosed, ConnectionError, OSError, ShmModelError):
+            self._worker_lost(w)
+            return
+        if w.batch is not pieces:  # lost meanwhile: its pieces were already requeued
+            return
+        w.watchdog.cancel()
+        w.batch = None
+        if frame.header.get("id") != batch_id:
+            log.error("worker %d answered batch %r for %d; this is a bug", w.pid, frame.header.get("id"), batch_id)
+            self._batch_failed(pieces, InternalError("worker reply out of step"), crashed=True)
+            self._kill(w.pid)
+            return
+        w.batches += 1
+        w.texts += len(texts)
+        if frame.header.get("ok") is True:
+            try:
+                vectors = vectors_from_frame(frame)
+                if vectors.shape[0] != len(texts):
+                    raise ProtocolError(f"worker returned shape {vectors.shape} for {len(texts)} texts")
+            except ProtocolError as exc:
+                self._batch_failed(pieces, InternalError(str(exc)), crashed=False)
+            else:
+                self._deliver(w, pieces, vectors)
+        else:
+            self._batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
+        if w.state == "busy":
+            w.state = "idle"
+            if w.generation != self._generation:
+                self._retire(w)
+        self._dispatch()
+
+    def _deliver(self, w: WorkerHandle, pieces: list[Piece], vectors: np.ndarray) -> None:
+        offset = 0
+        for piece in pieces:
+            req = piece.request
+            rows = vectors[offset : offset + piece.count]
+            offset += piece.count
+            if req.done:
+                continue
+            if rows.shape[1] != req.result.shape[1]:
+                self._fail(req, HostUnavailable("the model changed while the request waited; retry it"))
+                continue
+            req.result[piece.start : piece.stop] = rows
+            req.remaining -= 1
+            if req.remaining == 0:
+                w.requests_served += 1
+                self._finish(req)
+
+    def _batch_failed(self, pieces: list[Piece], error: ShmModelError, *, crashed: bool) -> None:
+        """Retry each piece of a failed batch alone, once; a piece that fails alone fails its request."""
+        retry: list[Piece] = []
+        for piece in pieces:
+            if piece.request.done:
+                continue
+            piece.failures += 1
+            isolated = piece.solo or len(pieces) == 1
+            if (crashed and piece.failures >= 2) or (not crashed and isolated):
+                self._fail(piece.request, error)
+            else:
+                piece.solo = True
+                retry.append(piece)
+        self._queue.extendleft(reversed(retry))
+
+    # --- reload and stop --------------------------------------------------------------
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ShmModelError as exc:
+            log.error("reload failed, still serving the previous model: %s", exc)
+
+    async def _reload_for(self, conn: Connection, rid: Any) -> None:
+        try:
+            conn.send(result_reply(rid, await self.reload()))
+        except ShmModelError as exc:
+            conn.send(error_reply(rid, exc))
+
+    async def reload(self) -> dict[str, Any]:
+        """Load the model again, start new workers on it, then retire the old ones."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            if self._stopping:
+                raise HostUnavailable("the host is shutting down")
+            generation = self._generation + 1
+            log.info("reloading the model (generation %d)", generation)
+            backend = None
+            if self._start_method == "fork":
+                loop = asyncio.get_running_loop()
+                try:
+                    backend = await loop.run_in_executor(None, self._load)
+                except ShmModelError:
+                    raise
+                except Exception as exc:
+                    raise InternalError(f"reload failed: {type(exc).__name__}: {exc}") from exc
+                finally:
+                    deferred, self._respawns_deferred = self._respawns_deferred, 0
+                    for _ in range(deferred):
+                        self._schedule_respawn()
+                gc.freeze()
+            try:
+                await self._start_generation(generation, backend)
+            except ShmModelError:
+                for w in [w for w in self._workers.values() if w.generation == generation]:
+                    self._retire(w)
+                raise
+            old_backend = self._backend
+            self._generation, self._backend = generation, backend
+            if backend is not None:
+                self._meta = self._describe(backend)
+            for w in list(self._workers.values()):
+                if w.generation < generation:
+                    self._retire(w)
+            self._dispatch()
+            del old_backend
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            self.counters["reloads"] += 1
+            log.info("reloaded: generation %d serving", generation)
+            return self.info()
+
+    def _begin_stop(self, reason: str) -> None:
+        if self._stopping:
+            return
+        log.info("stopping (%s): draining %d requests", reason, len(self._requests))
+        self._stopping = True
+        self._background(self._stop())
+
+    async def _stop(self) -> None:
+        assert self._changed is not None and self._done is not None
+        loop = asyncio.get_running_loop()
+        if self._server is not None:
+            self._server.close()
+        deadline = loop.time() + self.cfg.graceful_timeout
+        while self._requests and loop.time() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+        for req in list(self._requests):
+            self._fail(req, HostUnavailable("the host stopped before the request finished"))
+        await self._stop_workers(list(self._workers.values()))
+        for conn in list(self._connections):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.writer.drain(), 1.0)
+            conn.close()
+        log.info("stopped")
+        self._done.set()
+
+    async def _stop_workers(self, handles: list[WorkerHandle]) -> None:
+        assert self._changed is not None
+        loop = asyncio.get_running_loop()
+        for w in handles:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGTERM)
+        deadline = loop.time() + WORKER_STOP_TIMEOUT
+        while any(w.pid in self._workers for w in handles) and loop.time() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.1)
+            self._reap()
+        for w in handles:
+            if w.pid in self._workers:
+                log.warning("worker %d ignored SIGTERM; killing it", w.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(w.pid, 0)
+                self._worker_lost(w, -signal.SIGKILL)
+
+    # --- reports -----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self._meta.get("model"),
+            "dimension": self._meta.get("dimension"),
+            "max_seq_length": self._meta.get("max_seq_length"),
+            "device": self._meta.get("device"),
+            "prompts": self._meta.get("prompts", {}),
+            "generation": self._generation,
+            "pid": os.getpid(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        pids = [os.getpid()]
+        for w in sorted(self._workers.values(), key=lambda w: w.pid):
+            figures = process_memory(w.pid) or {}
+            pids.append(w.pid)
+            workers.append(
+                {
+                    "pid": w.pid,
+                    "generation": w.generation,
+                    "state": w.state,
+                    "requests_served": w.requests_served,
+                    "batches": w.batches,
+                    "texts": w.texts,
+                    "uptime_s": round(time.time() - w.started, 3),
+                    **figures,
+                }
+            )
+        own = process_memory(os.getpid()) or {"rss": 0, "pss": 0, "uss": 0}
+        total = {key: own[key] + sum(w.get(key, 0) for w in workers) for key in ("rss", "pss", "uss")}
+        return {
+            **self.info(),
+            "model_path": self._meta.get("model_path"),
+            "load_seconds": self._meta.get("load_seconds"),
+            "place_seconds": self._meta.get("place_seconds"),
+            "weight_bytes": self._meta.get("weight_bytes"),
+            "weight_placement": self.cfg.weights,
+            "weights": self._meta.get("weights"),
+            "start_method": self._start_method,
+            "threads_per_worker": self._threads,
+            "socket": self.socket_path,
+            "uptime_s": round(time.time() - self.started, 3),
+            "queue_depth": sum(1 for p in self._queue if not p.request.done),
+            "in_flight": len(self._requests),
+            "queue_size": self.cfg.queue_size,
+            "stopping": self._stopping,
+            "supervisor": {"pid": os.getpid(), **own},
+            "workers": workers,
+            "memory": total,
+            "counters": dict(self.counters),
+        }
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"

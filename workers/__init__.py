@@ -1,0 +1,1 @@
+"""Worker processes of the host: the encoder backends and the worker loop."""

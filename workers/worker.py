@@ -1,0 +1,185 @@
+"""One worker process: receives batches from the supervisor over its channel, encodes, replies.
+
+``Worker.__init__`` runs before fork (or in a freshly spawned interpreter) and changes
+nothing in the process; ``init_process()`` runs in the new process and sets up
+everything that must not cross a fork: signals, parent-death watch, descriptors,
+torch threads. The worker exits when its channel closes or its parent dies.
+
+Spawned workers (CUDA, or SHM_MODEL_START_METHOD=spawn) start as
+``python -m workers.worker --fd N ...`` and load the model themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from shm_model import logs
+from shm_model.errors import InternalError, ShmModelError
+from shm_model.protocol import ConnectionClosed, error_reply, pack, recv_frame, vectors_reply
+from workers.backends import Backend
+
+log = logging.getLogger(__name__)
+
+#: Exit code of a worker that could not boot; the supervisor stops instead of respawning.
+WORKER_BOOT_ERROR = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def channel_frame_limit(max_frame_bytes: int) -> int:
+    """Bound on frames between supervisor and worker: a batch re-packs up to one request's texts."""
+    return 8 * max_frame_bytes + (1 << 20)
+
+
+def _malloc_trim() -> Callable[[], object]:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    return lambda: trim(0)
+
+
+_release_free_memory = _malloc_trim()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), then re-check."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the channel EOF still ends the worker
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class Worker:
+    def __init__(
+        self,
+        channel_fd: int,
+        backend: Backend | None,
+        *,
+        threads: int,
+        generation: int,
+        parent_pid: int,
+        max_frame_bytes: int,
+        forked: bool,
+    ) -> None:
+        self.channel_fd = channel_fd
+        self.backend = backend
+        self.threads = threads
+        self.generation = generation
+        self.parent_pid = parent_pid
+        self.frame_limit = channel_frame_limit(max_frame_bytes)
+        self.forked = forked
+        self.channel: socket.socket | None = None
+
+    def init_process(self) -> None:
+        die_with_parent(self.parent_pid)
+        logs.set_role(f"worker g{self.generation}")
+        if self.forked:
+            # The parent's asyncio loop owns the wakeup fd and no-op handlers: undo both.
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGABRT):
+                signal.signal(sig, signal.SIG_DFL)
+            # Client connections, the listening socket and other workers' channels must not
+            # stay open here, or a client would not see the host go away.
+            os.closerange(3, self.channel_fd)
+            os.closerange(self.channel_fd + 1, 1 << 16)
+        # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        faulthandler.enable()  # SIGABRT from the supervisor's watchdog dumps the stack
+        self.channel = socket.socket(fileno=self.channel_fd)
+        self.channel.setblocking(True)
+
+    def run(self) -> int:
+        assert self.backend is not None and self.channel is not None
+        self.backend.prepare_worker(self.threads)
+        describe = self.backend.describe()
+        describe["prompts"] = dict(self.backend.prompts)
+        self.channel.sendall(pack({"op": "ready", "pid": os.getpid(), "backend": describe}))
+        log.info("ready (%d torch threads)", self.threads)
+        while True:
+            try:
+                frame = recv_frame(self.channel, self.frame_limit)
+            except (ConnectionClosed, ConnectionError):
+                log.info("channel closed; exiting")
+                return 0
+            self.channel.sendall(self.handle(frame.header))
+            # Give the batch's freed activations back to the OS (about 2 ms after a
+            # 32 x 256-token batch; tens of microseconds after a small one).
+            _release_free_memory()
+
+    def handle(self, header: dict[str, Any]) -> bytes:
+        batch_id = header.get("id")
+        try:
+            if header.get("op") != "encode":
+                raise InternalError(f"worker got unknown op {header.get('op')!r}; this is a bug")
+            texts = header["texts"]
+            vectors = self.backend.encode(texts, header.get("prompt"))  # type: ignore[union-attr]
+            return vectors_reply(batch_id, vectors)
+        except ShmModelError as exc:
+            return error_reply(batch_id, exc)
+        except Exception as exc:
+            log.exception("encode failed")
+            return error_reply(batch_id, InternalError(f"encode failed: {type(exc).__name__}: {exc}"))
+
+
+def run_forked(worker: Worker) -> None:
+    """Body of a forked child: never returns into the parent's code."""
+    code = 1
+    try:
+        worker.init_process()
+        code = worker.run()
+    except BaseException:
+        log.exception("worker failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a spawned worker: loads its own model from the environment's config."""
+    parser = argparse.ArgumentParser(prog="python -m workers.worker", description=__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="inherited channel descriptor")
+    parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--parent", type=int, required=True, help="supervisor pid")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    from config.model_config import HostConfig, ModelConfig
+
+    host_cfg = HostConfig.load()
+    logs.setup(host_cfg.log_level, role=f"worker g{args.generation}")
+    worker = Worker(
+        args.fd,
+        None,
+        threads=args.threads,
+        generation=args.generation,
+        parent_pid=args.parent,
+        max_frame_bytes=host_cfg.max_frame_bytes,
+        forked=False,
+    )
+    worker.init_process()
+    try:
+        from workers.backends import load_backend
+
+        worker.backend = load_backend(ModelConfig.load(), host_cfg, place=False)
+    except Exception as exc:  # noqa: BLE001
+        log.error("worker could not load the model: %s", exc)
+        return WORKER_BOOT_ERROR
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
