@@ -19,17 +19,16 @@ def _mb(n: int | None) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Before torch is imported: the supervisor must never start an intra-op thread pool
-    # (workers set their own thread count after fork), and tokenizers must not either.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Before torch is imported: the supervisor must never start a thread pool that a
+    # fork would break (workers set their own thread count after fork).
+    from shm_model.supervisor import Supervisor, single_threaded
+
+    single_threaded()
     from config.model_config import HostConfig, ModelConfig
     from shm_model import logs
 
     host_cfg = HostConfig.load()
     logs.setup(host_cfg.log_level, role="supervisor")
-    from shm_model.supervisor import Supervisor
 
     return Supervisor(ModelConfig.load(), host_cfg).run()
 

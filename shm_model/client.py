@@ -234,7 +234,7 @@ class HostClient:
         elif isinstance(sentences, bytes | bytearray) or not isinstance(sentences, Iterable):
             raise BadRequest(f"sentences must be a string or a list of strings, not {type(sentences).__name__}")
         else:
-            texts = validate_texts(list(sentences))
+            texts = validate_texts(list(sentences), limit=None)  # sent in chunks below the host's limit
         timeout = self.timeout if timeout is None else timeout
         if not timeout > 0:
             raise BadRequest(f"timeout must be > 0 seconds, got {timeout!r}")

@@ -32,6 +32,8 @@ PREFIX = struct.Struct("<4sII")
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 VECTOR_DTYPE = np.dtype("<f4")
 MAX_ID_LENGTH = 128
+#: Texts in one encode request; clients split longer inputs (the Python client sends 1,024).
+MAX_TEXTS_PER_REQUEST = 16384
 
 #: Operations a client may ask of the host.
 OPS = ("encode", "info", "status", "ping", "reload", "stop")
@@ -179,10 +181,12 @@ def raise_for_reply(frame: Frame) -> Frame:
 # --- request validation (shared by the client, the host and the workers) -------------
 
 
-def validate_texts(value: object) -> list[str]:
-    """Check that ``value`` is a list of UTF-8-encodable strings, naming the first bad item."""
+def validate_texts(value: object, limit: int | None = MAX_TEXTS_PER_REQUEST) -> list[str]:
+    """Check that ``value`` is a list of at most ``limit`` UTF-8-encodable strings, naming the first bad item."""
     if isinstance(value, str) or not isinstance(value, list | tuple):
         raise BadRequest(f"'texts' must be a list of strings, not {type(value).__name__}")
+    if limit is not None and len(value) > limit:
+        raise BadRequest(f"a request may carry at most {limit} texts, got {len(value)}; split the input", limit=limit)
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise BadRequest(

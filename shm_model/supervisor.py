@@ -82,6 +82,19 @@ WORKER_STOP_TIMEOUT = 5.0
 MAX_CONNECTION_BUFFER = 64 * 1024 * 1024  # a client that stops reading is disconnected
 
 
+def single_threaded() -> None:
+    """Keep this process from starting thread pools that would not survive a fork.
+
+    Called before torch is imported where possible (the CLI does so first); workers set
+    their own thread count after fork.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 @dataclass(eq=False)
 class Request:
     id: Any
@@ -194,6 +207,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
+        single_threaded()
         self._take_lock()
         try:
             self._device = self._resolve_device()

@@ -172,6 +172,17 @@ def test_bad_frames_get_typed_errors_and_the_host_keeps_serving(
     assert_serves(dummy_host)
 
 
+def test_millions_of_tiny_strings_are_refused_cheaply(dummy_host: Host) -> None:
+    body = b'{"id":6,"op":"encode","texts":[' + b",".join([b'""'] * 2_000_000) + b"]}"
+    with raw(dummy_host) as sock:
+        started = time.monotonic()
+        sock.sendall(PREFIX.pack(MAGIC, len(body), 0) + body)
+        with pytest.raises(BadRequest, match="at most 16384 texts, got 2000000"):
+            raise_for_reply(recv_frame(sock, 1 << 20))
+        assert time.monotonic() - started < 5
+    assert_serves(dummy_host)
+
+
 def test_lone_surrogate_is_named(dummy_host: Host) -> None:
     body = b'{"id":5,"op":"encode","texts":["ok","\\ud800"]}'
     with raw(dummy_host) as sock:

@@ -83,6 +83,9 @@ def test_validate_texts_names_the_bad_item() -> None:
         validate_texts(["a", "\ud800"])
     with pytest.raises(BadRequest, match="must be a list of strings, not str"):
         validate_texts("abc")
+    with pytest.raises(BadRequest, match="at most 16384 texts, got 16385"):
+        validate_texts([""] * 16385)
+    assert len(validate_texts([""] * 16385, limit=None)) == 16385
 
 
 def test_request_fields_are_validated() -> None:
