@@ -22,6 +22,7 @@ WEIGHT_PLACEMENTS = ("auto", "shm")
 START_METHODS = ("auto", "fork", "spawn")
 BACKENDS = ("sentence-transformers", "dummy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODES = ("auto", "shared", "local")
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,29 @@ SETTINGS: tuple[Setting, ...] = (
         BACKENDS,
     ),
     Setting("SHM_MODEL_LOG_LEVEL", "log_level", "info", "log level", _choice(LOG_LEVELS), LOG_LEVELS),
+    Setting(
+        "SHM_MODEL_MODE",
+        "mode",
+        "auto",
+        "how ModelManager gets vectors: shared (the host only), local (a model in this process; "
+        "the rollback switch), auto (the host, else a local model)",
+        _choice(MODES),
+        MODES,
+    ),
+    Setting(
+        "SHM_MODEL_AUTOSTART",
+        "autostart",
+        "false",
+        "let ModelManager start a host when none answers (one per socket, even if processes race)",
+        _bool,
+    ),
+    Setting(
+        "SHM_MODEL_LOAD_TIMEOUT",
+        "load_timeout",
+        "300",
+        "seconds a ModelManager caller waits for a local load that another thread started",
+        _seconds,
+    ),
 )
 
 
@@ -310,6 +334,23 @@ class HostConfig:
         if self.start_method == "auto":
             return "spawn" if device.startswith("cuda") else "fork"
         return self.start_method
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManagerConfig:
+    """How ``ModelManager`` reaches the model: the migration and rollback feature flag."""
+
+    mode: str = "auto"
+    autostart: bool = False
+    load_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"SHM_MODEL_MODE={self.mode!r} is invalid; allowed values: {', '.join(MODES)}")
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
+        return cls(**_read(cls, env))
 
 
 def settings_help() -> str:

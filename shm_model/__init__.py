@@ -2,10 +2,12 @@
 
 Public API::
 
-    from shm_model import HostClient            # encode through a running host
+    from shm_model import ModelManager          # the model for this process: host or local
+    model = ModelManager.get_instance().get_model()
+    from shm_model import HostClient            # encode through a running host directly
     from shm_model import errors                # typed errors (also re-exported here)
 
-The client is imported lazily so that ``import shm_model`` stays light.
+Everything but the errors is imported lazily so that ``import shm_model`` stays light.
 """
 
 from __future__ import annotations
@@ -28,11 +30,22 @@ from shm_model.errors import (
 )
 
 if TYPE_CHECKING:
+    from config.model_config import ManagerConfig, ModelConfig
     from shm_model.client import HostClient, wait_for_host
+    from shm_model.manager import ManagedModel, ModelManager, ModelStatus, get_model_with_fallback
 
 __version__ = "0.1.0"
 
-_LAZY = {"HostClient": "shm_model.client", "wait_for_host": "shm_model.client"}
+_LAZY = {
+    "HostClient": "shm_model.client",
+    "wait_for_host": "shm_model.client",
+    "ManagedModel": "shm_model.manager",
+    "ModelManager": "shm_model.manager",
+    "ModelStatus": "shm_model.manager",
+    "get_model_with_fallback": "shm_model.manager",
+    "ModelConfig": "config.model_config",
+    "ManagerConfig": "config.model_config",
+}
 
 __all__ = [
     "BadRequest",
@@ -40,7 +53,12 @@ __all__ = [
     "HostClient",
     "HostUnavailable",
     "InternalError",
+    "ManagedModel",
+    "ManagerConfig",
+    "ModelConfig",
     "ModelLoadError",
+    "ModelManager",
+    "ModelStatus",
     "Overloaded",
     "PayloadTooLarge",
     "PermissionDenied",
@@ -48,6 +66,7 @@ __all__ = [
     "RequestTimeout",
     "ShmModelError",
     "WorkerCrashed",
+    "get_model_with_fallback",
     "wait_for_host",
 ]
 

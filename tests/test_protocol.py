@@ -142,7 +142,12 @@ def test_public_names_stay_what_they_are() -> None:
         "HostClient",
         "HostUnavailable",
         "InternalError",
+        "ManagedModel",
+        "ManagerConfig",
+        "ModelConfig",
         "ModelLoadError",
+        "ModelManager",
+        "ModelStatus",
         "Overloaded",
         "PayloadTooLarge",
         "PermissionDenied",
@@ -150,6 +155,7 @@ def test_public_names_stay_what_they_are() -> None:
         "RequestTimeout",
         "ShmModelError",
         "WorkerCrashed",
+        "get_model_with_fallback",
         "wait_for_host",
     }
     for name in shm_model.__all__:
