@@ -1,9 +1,14 @@
-"""A consumer process for the benchmarks: embeds sample texts, reports, then waits.
+"""A consumer process for the benchmarks.
+
+    python -m benchmarks.consumer local|copied|client MODEL
+        embeds sample texts, prints one JSON line, then waits until stdin closes;
+    python -m benchmarks.consumer loop MODEL THREADS SECONDS
+        loads its own model, prints a JSON line when ready, waits for a 'go' line, then
+        encodes one text at a time for SECONDS and prints the latencies as JSON.
 
 ``local`` loads its own SentenceTransformer (the naive setup); ``copied`` does the same
 and then copies every weight into private memory, as a ``.bin`` checkpoint, a dtype
 conversion or a GPU would; ``client`` uses the host through the torch-free client.
-It prints one JSON line when its vectors are ready and exits when stdin closes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 SAMPLE = [
     "서울특별시의 2023년 인구는 약 940만 명이다.",
@@ -21,24 +27,46 @@ SAMPLE = [
 ] * 16
 
 
+def _load(model: str, threads: int) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from config.model_config import ModelConfig
+    from workers.backends import resolve_model
+
+    torch.set_num_threads(threads)
+    return SentenceTransformer(resolve_model(ModelConfig(name=model)).location, device="cpu")
+
+
+def _loop(model: str, threads: int, seconds: float) -> None:
+    st = _load(model, threads)
+    st.encode(SAMPLE[:4])
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    sys.stdin.readline()
+    latencies = []
+    started = time.perf_counter()
+    i = 0
+    while time.perf_counter() - started < seconds:
+        began = time.perf_counter()
+        st.encode([SAMPLE[i % len(SAMPLE)]])
+        latencies.append(time.perf_counter() - began)
+        i += 1
+    print(json.dumps({"latencies": latencies, "elapsed": time.perf_counter() - started}), flush=True)
+
+
 def main() -> None:
     mode, model = sys.argv[1], sys.argv[2]
+    if mode == "loop":
+        _loop(model, int(sys.argv[3]), float(sys.argv[4]))
+        return
     started = time.perf_counter()
     if mode == "client":
         from shm_model.client import HostClient
 
-        client = HostClient()
-        vectors = client.encode(SAMPLE)
+        vectors = HostClient().encode(SAMPLE)
     else:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        from config.model_config import ModelConfig
-        from workers.backends import resolve_model
-
-        torch.set_num_threads(1)
-        st = SentenceTransformer(resolve_model(ModelConfig(name=model)).location, device="cpu")
+        st = _load(model, 1)
         if mode == "copied":
             for tensor in list(st.parameters()) + list(st.buffers()):
                 tensor.data = tensor.data.clone()

@@ -12,21 +12,16 @@ footprint: shared pages are split between the processes that map them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from shm_model.client import wait_for_host
+from benchmarks.common import ROOT, bench_env, end, host, progress
+from shm_model.client import HostClient
 from shm_model.memory import process_memory
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_name(model: str) -> str:
@@ -46,12 +41,6 @@ class Result:
     uss: int
     seconds: float
     detail: dict[str, Any]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}, **extra)
-    return env
 
 
 def _start_consumers(mode: str, model: str, n: int, env: dict[str, str]) -> list[subprocess.Popen[str]]:
@@ -91,20 +80,12 @@ def _sum(pids: list[int]) -> dict[str, int]:
 
 def _end(procs: list[subprocess.Popen[str]]) -> None:
     for proc in procs:
-        with contextlib.suppress(Exception):
-            if proc.stdin:
-                proc.stdin.close()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end(proc)
 
 
 def run_naive(model: str, n: int, mode: str = "local") -> Result:
     started = time.perf_counter()
-    procs = _start_consumers(mode, model, n, _env())
+    procs = _start_consumers(mode, model, n, bench_env())
     try:
         ready = _wait_ready(procs)
         total = _sum([p.pid for p in procs])
@@ -122,43 +103,18 @@ def run_naive(model: str, n: int, mode: str = "local") -> Result:
 
 def run_host(model: str, n: int, placement: str, workers: int) -> Result:
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="shm-bench-") as tmp:
-        sock = os.path.join(tmp, "run", "host.sock")
-        env = _env(
-            MODEL_NAME=model,
-            SHM_MODEL_SOCKET=sock,
-            SHM_MODEL_WEIGHTS=placement,
-            SHM_MODEL_WORKERS=str(workers),
-            SHM_MODEL_LOG_LEVEL="warning",
-        )
-        host = subprocess.Popen(
-            [sys.executable, "-m", "shm_model", "serve"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        procs: list[subprocess.Popen[str]] = []
+    procs: list[subprocess.Popen[str]] = []
+    env = {"SHM_MODEL_WEIGHTS": placement, "SHM_MODEL_WORKERS": str(workers)}
+    with host(model, **env) as sock:
         try:
-            wait_for_host(sock, timeout=600)
-            procs = _start_consumers("client", model, n, env)
+            procs = _start_consumers("client", model, n, bench_env(SHM_MODEL_SOCKET=sock))
             ready = _wait_ready(procs)
-            from shm_model.client import HostClient
-
             with HostClient(sock) as client:
                 status = client.status()
-            tree = [status["pid"]] + [w["pid"] for w in status["workers"]]
-            host_total = _sum(tree)
+            host_total = _sum([status["pid"]] + [w["pid"] for w in status["workers"]])
             clients_total = _sum([p.pid for p in procs])
         finally:
             _end(procs)
-            host.send_signal(signal.SIGTERM)
-            try:
-                host.wait(60)
-            except subprocess.TimeoutExpired:
-                host.kill()
-                host.wait()
     total = {k: host_total[k] + clients_total[k] for k in host_total}
     return Result(
         f"host, weights={placement}, {workers} workers",
@@ -173,6 +129,20 @@ def run_host(model: str, n: int, placement: str, workers: int) -> Result:
             "first_vector_s": [r["first_vector_s"] for r in ready],
         },
     )
+
+
+def run_all(model: str, consumers: list[int], placements: list[str], workers: int, copied: bool) -> list[Result]:
+    """The reference (one in-process model) first, then every setup for each consumer count."""
+    results = [run_naive(model, 1)]
+    for n in consumers:
+        steps = [("naive", lambda n=n: run_naive(model, n))]
+        if copied:
+            steps.append(("copied weights", lambda n=n: run_naive(model, n, "copied")))
+        steps += [(f"host, {p}", lambda n=n, p=p: run_host(model, n, p, workers)) for p in placements]
+        for label, step in steps:
+            progress(f"memory: {n} consumers, {label}")
+            results.append(step())
+    return results
 
 
 def table(results: list[Result], reference_pss: int) -> str:
@@ -198,17 +168,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     model = model_name(args.model)
-    print(f"model: {args.model} ({model})", file=sys.stderr)
-    reference = run_naive(model, 1)
-    results = [reference]
-    for n in args.consumers:
-        steps = [("naive", lambda n=n: run_naive(model, n))]
-        if not args.no_copied:
-            steps.append(("copied", lambda n=n: run_naive(model, n, "copied")))
-        steps += [(p, lambda n=n, p=p: run_host(model, n, p, args.workers)) for p in args.placements]
-        for label, step in steps:
-            print(f"  {n} consumers: {label} ...", file=sys.stderr, flush=True)
-            results.append(step())
+    progress(f"model: {args.model} ({model})")
+    results = run_all(model, args.consumers, args.placements, args.workers, not args.no_copied)
+    reference = results[0]
     print(table(results, reference.pss))
     if args.json:
         with open(args.json, "w") as fh:

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -196,6 +197,7 @@ class Supervisor:
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.workers_ready_seconds = 0.0
 
     # --- life ------------------------------------------------------------------------
 
@@ -319,7 +321,11 @@ class Supervisor:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        if os.path.exists(self.socket_path):
+        if os.path.lexists(self.socket_path):
+            if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                os.close(fd)
+                self._lock_fd = None
+                raise ConfigError(f"{self.socket_path} exists and is not a socket; choose another SHM_MODEL_SOCKET")
             log.info("removing stale socket %s left by a host that died", self.socket_path)
             os.unlink(self.socket_path)
         self._remove_stale_segments()
@@ -370,6 +376,7 @@ class Supervisor:
 
     async def _start_generation(self, generation: int, backend: Backend | None) -> None:
         """Start a full set of workers and wait until every one is ready."""
+        started = time.perf_counter()
         handles = [await self._spawn(generation, backend) for _ in range(self._worker_count)]
         for handle in handles:
             try:
@@ -378,6 +385,7 @@ class Supervisor:
                 raise InternalError(f"worker {handle.pid} did not become ready") from None
             if self._start_method == "spawn":
                 self._meta = meta
+        self.workers_ready_seconds = time.perf_counter() - started
 
     async def _spawn(self, generation: int, backend: Backend | None) -> WorkerHandle:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -471,7 +479,12 @@ class Supervisor:
         if w.watchdog:
             w.watchdog.cancel()
         w.writer.close()
-        if exit_code is not None:
+        if exit_code is None:
+            # Its channel broke but it has not been reaped (so its pid is still its own): make sure
+            # it does not linger, hung or out of step.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGKILL)
+        else:
             self._workers.pop(w.pid, None)
         if not w.ready.done():
             w.ready.set_exception(InternalError(f"worker {w.pid} exited before it was ready"))
@@ -973,6 +986,12 @@ class Supervisor:
             **self.info(),
             "model_path": self._meta.get("model_path"),
             "load_seconds": self._meta.get("load_seconds"),
+            "boot_seconds": {
+                "import": self._meta.get("import_seconds"),
+                "load": self._meta.get("load_seconds"),
+                "place": self._meta.get("place_seconds"),
+                "fork_until_ready": round(self.workers_ready_seconds, 3),
+            },
             "place_seconds": self._meta.get("place_seconds"),
             "weight_bytes": self._meta.get("weight_bytes"),
             "weight_placement": self.cfg.weights,

@@ -261,6 +261,16 @@ def test_a_second_host_on_the_same_socket_is_refused(dummy_host: Host, host_fact
     assert_serves(dummy_host)
 
 
+def test_a_file_in_place_of_the_socket_is_left_alone(host_factory, tmp_path) -> None:
+    run = tmp_path / "file" / "run"
+    run.mkdir(parents=True, mode=0o700)
+    (run / "host.sock").write_text("precious")
+    host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_SOCKET=str(run / "host.sock"), ready=False)
+    assert host.proc.wait(60) == 2
+    assert "exists and is not a socket" in host.log()
+    assert (run / "host.sock").read_text() == "precious"
+
+
 def test_shared_socket_directory_is_refused(host_factory, tmp_path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -1,0 +1,87 @@
+"""Helpers shared by the benchmarks: environment, processes that always end, a host to measure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LIVE: list[subprocess.Popen[Any]] = []
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHM_MODEL_", "MODEL_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
+
+
+def spawn(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Start a process that ``end_all`` (run on exit and on Ctrl-C) will end."""
+    proc = subprocess.Popen(list(args), cwd=ROOT, start_new_session=True, **kwargs)
+    _LIVE.append(proc)
+    return proc
+
+
+def end(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    if proc.stdin:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if proc in _LIVE:
+        _LIVE.remove(proc)
+
+
+def end_all() -> None:
+    for proc in list(_LIVE):
+        end(proc, timeout=5)
+
+
+@contextlib.contextmanager
+def host(model: str, **env: str) -> Iterator[str]:
+    """Run ``shm-model serve`` on ``model`` and yield its socket; it is stopped afterwards."""
+    from shm_model.client import wait_for_host
+
+    with tempfile.TemporaryDirectory(prefix="shm-bench-") as tmp:
+        sock = os.path.join(tmp, "run", "host.sock")
+        full_env = bench_env(MODEL_NAME=model, SHM_MODEL_SOCKET=sock, SHM_MODEL_LOG_LEVEL="warning", **env)
+        proc = spawn(
+            [sys.executable, "-m", "shm_model", "serve"],
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_host(sock, timeout=600)
+            yield sock
+        finally:
+            end(proc, timeout=60)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

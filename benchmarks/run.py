@@ -1,0 +1,625 @@
+"""All benchmarks in one run, as ratios measured side by side on the same machine.
+
+    python -m benchmarks.run --quick        # a few minutes: the bundled model
+    python -m benchmarks.run --full         # the bundled and the KURE-shaped model, more load
+    python -m benchmarks.run --tiny         # seconds: every benchmark once, for the test suite
+
+Sections: memory (RSS/PSS/USS sums, naive vs host), start-up (process start to first
+vector; the host's cold start by phase), overhead (in-process encode vs the host at
+batch sizes 1-128), concurrency (1..32 clients sending batch-1 requests: the host with
+dynamic batching vs one model per process vs sentence-transformers' multi-process pool
+vs infinity-emb) and transport (round trip through the host with a model-free backend).
+Results go to benchmarks/results/<mode>.json, .md and .png. Every process started is
+ended when the run ends, Ctrl-C included. The load generator shares the machine's cores
+with what it measures, the same for every system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from benchmarks import memory
+from benchmarks.common import ROOT, bench_env, end, end_all, host, percentile, progress, spawn
+from shm_model.client import HostClient
+
+SENTENCES = [
+    "서울특별시의 2023년 인구는 약 940만 명이다.",
+    "표 3은 연도별 등록금과 장학금 지급 현황을 보여준다.",
+    "The quarterly report lists revenue, cost and margin by region.",
+    "부산광역시 해운대구의 관광객 수는 해마다 늘고 있다.",
+    "제12조(수수료) 신청인은 별표 2에 따른 수수료를 납부하여야 한다.",
+    "Average latency stayed under ten milliseconds during the test.",
+]
+INFINITY_VENV = os.path.join(ROOT, "benchmarks", ".venv-infinity")
+
+
+@dataclass
+class Plan:
+    mode: str
+    models: list[str]
+    consumers: list[int]
+    placements: list[str]
+    copied: bool
+    startup_runs: int
+    batch_sizes: list[int]
+    overhead_seconds: float
+    levels: list[int]
+    naive_levels: list[int]
+    level_seconds: float
+    pool_sentences: int
+    transport_calls: int
+    infinity: bool
+    notes: list[str] = field(default_factory=list)
+
+
+PLANS = {
+    "tiny": Plan("tiny", ["bundled"], [1], ["auto"], False, 1, [1, 8], 0.3, [1, 2], [1], 0.5, 64, 100, False),
+    "quick": Plan(
+        "quick",
+        ["bundled"],
+        [2],
+        ["auto", "shm"],
+        True,
+        3,
+        [1, 8, 32, 128],
+        2.0,
+        [1, 4, 16, 32],
+        [1, 2, 4],
+        4.0,
+        2048,
+        2000,
+        True,
+    ),
+    "full": Plan(
+        "full",
+        ["bundled", "kure"],
+        [2, 4, 8],
+        ["auto", "shm"],
+        True,
+        5,
+        [1, 8, 32, 128],
+        5.0,
+        [1, 2, 4, 8, 16, 32],
+        [1, 2, 4, 8],
+        10.0,
+        2048,
+        5000,
+        True,
+    ),
+}
+#: The KURE-shaped model encodes about ten times slower: its one-large-input runs are smaller.
+BULK_DIVISOR = {"kure": 8}
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _texts(n: int) -> list[str]:
+    return [f"{SENTENCES[i % len(SENTENCES)]} ({i})" for i in range(n)]
+
+
+# --- start-up -----------------------------------------------------------------------------
+
+
+def _time_process(code: str, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = spawn([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=600)
+    end(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"start-up probe failed: {err[-500:]}")
+    return time.perf_counter() - started
+
+
+def bench_startup(plan: Plan, model: str) -> dict[str, Any]:
+    naive_code = (
+        "import torch\nfrom sentence_transformers import SentenceTransformer\n"
+        "from config.model_config import ModelConfig\nfrom workers.backends import resolve_model\n"
+        f"m = SentenceTransformer(resolve_model(ModelConfig(name={model!r})).location, device='cpu')\n"
+        "m.encode(['첫 번째 문장'])\n"
+    )
+    client_code = "from shm_model import HostClient\nHostClient().encode(['첫 번째 문장'])\n"
+    naive = [_time_process(naive_code, bench_env()) for _ in range(plan.startup_runs)]
+    progress(f"start-up: naive first vector {statistics.median(naive):.2f}s")
+    started = time.perf_counter()
+    with host(model) as sock:
+        cold = time.perf_counter() - started
+        with HostClient(sock) as client:
+            boot = client.status()["boot_seconds"]
+        client_runs = [_time_process(client_code, bench_env(SHM_MODEL_SOCKET=sock)) for _ in range(plan.startup_runs)]
+    progress(f"start-up: client first vector {statistics.median(client_runs):.3f}s, host cold start {cold:.2f}s")
+    return {
+        "naive_first_vector_s": statistics.median(naive),
+        "client_first_vector_s": statistics.median(client_runs),
+        "ratio_client_vs_naive": statistics.median(client_runs) / statistics.median(naive),
+        "host_cold_start_s": cold,
+        "host_boot_s": boot,
+        "runs": {"naive": naive, "client": client_runs},
+    }
+
+
+# --- overhead: in-process vs host at fixed batch sizes ----------------------------------
+
+
+def _per_call(fn: Any, seconds: float) -> float:
+    fn()  # warm up
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_overhead(plan: Plan, model: str) -> list[dict[str, Any]]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from config.model_config import ModelConfig
+    from workers.backends import resolve_model
+
+    torch.set_num_threads(_cores())
+    st = SentenceTransformer(resolve_model(ModelConfig(name=model)).location, device="cpu")
+    rows = []
+    # One worker with every core: the same compute as in-process, so the ratio is the host's cost.
+    with host(
+        model,
+        SHM_MODEL_WORKERS="1",
+        SHM_MODEL_THREADS_PER_WORKER=str(_cores()),
+        SHM_MODEL_MAX_BATCH_SIZE="128",
+        SHM_MODEL_MAX_BATCH_TOKENS="65536",
+    ) as sock:
+        with HostClient(sock, timeout=600) as client:
+            for size in plan.batch_sizes:
+                texts = _texts(size)
+                local = _per_call(lambda t=texts, b=size: st.encode(t, batch_size=b), plan.overhead_seconds)
+                hosted = _per_call(lambda t=texts, b=size: client.encode(t, batch_size=b), plan.overhead_seconds)
+                rows.append(
+                    {"batch_size": size, "in_process_ms": local * 1e3, "host_ms": hosted * 1e3, "ratio": hosted / local}
+                )
+                progress(f"overhead: batch {size}: in-process {local * 1e3:.1f} ms, host {hosted * 1e3:.1f} ms")
+    return rows
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+def _drive(n: int, seconds: float, call: Any) -> dict[str, Any]:
+    """n threads call ``call(thread, i)`` for ``seconds``; count successes and latencies."""
+    latencies: list[list[float]] = [[] for _ in range(n)]
+    errors: list[str] = []
+    start = threading.Barrier(n + 1)
+    stop_at = [0.0]
+
+    def run(k: int) -> None:
+        start.wait()
+        i = 0
+        while time.perf_counter() < stop_at[0]:
+            began = time.perf_counter()
+            try:
+                call(k, i)
+            except Exception as exc:  # noqa: BLE001 - counted, the run goes on
+                errors.append(f"{type(exc).__name__}: {exc}")
+            else:
+                latencies[k].append(time.perf_counter() - began)
+            i += 1
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    began = time.perf_counter()
+    start.wait()
+    for t in threads:
+        t.join(seconds + 120)
+    elapsed = time.perf_counter() - began
+    flat = [x for per in latencies for x in per]
+    return {
+        "clients": n,
+        "requests": len(flat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "throughput_rps": len(flat) / elapsed,
+        "p50_ms": percentile(flat, 50) * 1e3,
+        "p99_ms": percentile(flat, 99) * 1e3,
+    }
+
+
+def _host_levels(plan: Plan, model: str) -> list[dict[str, Any]]:
+    rows = []
+    with host(model) as sock:
+        client = HostClient(sock, timeout=120, pool_size=max(plan.levels))
+        client.encode(_texts(8))
+        for n in plan.levels:
+            rows.append(_drive(n, plan.level_seconds, lambda k, i: client.encode([SENTENCES[(k + i) % 6]])))
+            progress(f"concurrency: host, {n} clients: {rows[-1]['throughput_rps']:.0f} req/s")
+        client.close()
+    return rows
+
+
+def _naive_levels(plan: Plan, model: str) -> list[dict[str, Any]]:
+    """n processes, each with its own model and its share of the cores, each one client."""
+    rows = []
+    for n in plan.naive_levels:
+        threads = max(1, _cores() // n)
+        procs = [
+            spawn(
+                [sys.executable, "-m", "benchmarks.consumer", "loop", model, str(threads), str(plan.level_seconds)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=bench_env(),
+            )
+            for _ in range(n)
+        ]
+        try:
+            memory._wait_ready(procs)
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            results = [json.loads(proc.stdout.readline()) for proc in procs if proc.stdout]
+        finally:
+            for proc in procs:
+                end(proc)
+        flat = [x for r in results for x in r["latencies"]]
+        elapsed = max(r["elapsed"] for r in results)
+        rows.append(
+            {
+                "clients": n,
+                "requests": len(flat),
+                "errors": 0,
+                "throughput_rps": len(flat) / elapsed,
+                "p50_ms": percentile(flat, 50) * 1e3,
+                "p99_ms": percentile(flat, 99) * 1e3,
+                "threads_per_process": threads,
+            }
+        )
+        progress(f"concurrency: naive, {n} processes: {rows[-1]['throughput_rps']:.0f} req/s")
+    return rows
+
+
+def _st_pool(plan: Plan, model: str, count: int) -> dict[str, Any]:
+    """sentence-transformers' multi-process pool, used as designed: one caller, one large input."""
+    code = (
+        "import json, sys, time\nfrom sentence_transformers import SentenceTransformer\n"
+        "from config.model_config import ModelConfig\nfrom workers.backends import resolve_model\n"
+        f"m = SentenceTransformer(resolve_model(ModelConfig(name={model!r})).location, device='cpu')\n"
+        f"pool = m.start_multi_process_pool(['cpu'] * {_cores()})\n"
+        f"texts = [f'문장 {{i}} ' * (1 + i % 4) for i in range({count})]\n"
+        "m.encode(texts[:64], pool=pool)\n"
+        "t = time.perf_counter(); v = m.encode(texts, pool=pool, batch_size=32); s = time.perf_counter() - t\n"
+        "m.stop_multi_process_pool(pool)\n"
+        "print(json.dumps({'sentences': len(texts), 'seconds': s}))\n"
+    )
+    proc = spawn(
+        [sys.executable, "-c", code], env=bench_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = proc.communicate(timeout=1800)
+    end(proc)
+    if proc.returncode != 0:
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+    result = json.loads(out.strip().splitlines()[-1])
+    result["throughput_sentences_per_s"] = result["sentences"] / result["seconds"]
+    progress(f"concurrency: sentence-transformers pool: {result['throughput_sentences_per_s']:.0f} sentences/s")
+    return result
+
+
+def _host_bulk(model: str, count: int) -> dict[str, Any]:
+    """The host given the same one large input as the pool, for a like-for-like figure."""
+    texts = [f"문장 {i} " * (1 + i % 4) for i in range(count)]
+    with host(model) as sock, HostClient(sock, timeout=1800) as client:
+        client.encode(texts[:64])
+        started = time.perf_counter()
+        client.encode(texts)
+        seconds = time.perf_counter() - started
+    return {"sentences": len(texts), "seconds": seconds, "throughput_sentences_per_s": len(texts) / seconds}
+
+
+def install_infinity() -> str | None:
+    """Install infinity-emb in its own venv (its [all] extra pulls a CUDA torch); None or why not."""
+    python = os.path.join(INFINITY_VENV, "bin", "python")
+    if os.path.exists(os.path.join(INFINITY_VENV, "bin", "infinity_emb")):
+        return None
+    progress(f"installing infinity-emb into {INFINITY_VENV} (about a minute)")
+    steps = [
+        [sys.executable, "-m", "venv", INFINITY_VENV],
+        [python, "-m", "pip", "install", "-q", "torch==2.13.0", "infinity-emb[torch,server]"],
+    ]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if line.strip() and "Location" not in line]
+            return f"did not install ({' '.join(step[-2:])}): {lines[-1] if lines else proc.returncode}"
+    return None
+
+
+def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
+    python = os.path.join(INFINITY_VENV, "bin", "python")
+    binary = os.path.join(INFINITY_VENV, "bin", "infinity_emb")
+    problem = install_infinity()
+    if problem:
+        return {"error": problem}
+    from config.model_config import ModelConfig
+    from workers.backends import resolve_model
+
+    location = resolve_model(ModelConfig(name=model)).location
+    port = 17997
+    proc = spawn(
+        [
+            binary,
+            "v2",
+            "--model-id",
+            location,
+            "--port",
+            str(port),
+            "--engine",
+            "torch",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "32",
+        ],
+        env=bench_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.stderr else ""
+                return {"error": f"infinity did not start: {err.strip().splitlines()[-1] if err.strip() else ''}"}
+            time.sleep(0.5)
+        local = threading.local()
+
+        def call(k: int, i: int) -> None:
+            if not hasattr(local, "conn"):
+                local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            body = json.dumps({"model": location, "input": [SENTENCES[(k + i) % 6]]})
+            local.conn.request("POST", "/embeddings", body, {"Content-Type": "application/json"})
+            response = local.conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+
+        rows = []
+        for n in plan.levels:
+            rows.append(_drive(n, plan.level_seconds, call))
+            progress(f"concurrency: infinity-emb, {n} clients: {rows[-1]['throughput_rps']:.0f} req/s")
+        version = subprocess.run(
+            [python, "-c", "import infinity_emb; print(infinity_emb.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout.strip()
+        return {"version": version, "levels": rows}
+    finally:
+        end(proc)
+
+
+def bench_concurrency(plan: Plan, name: str, model: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"host": _host_levels(plan, model), "naive": _naive_levels(plan, model)}
+    count = plan.pool_sentences // BULK_DIVISOR.get(name, 1)
+    out["st_pool"] = _st_pool(plan, model, count)
+    out["host_bulk"] = _host_bulk(model, count)
+    out["infinity"] = _infinity_levels(plan, model) if plan.infinity else {"error": "skipped in this mode"}
+    return out
+
+
+# --- transport --------------------------------------------------------------------------------
+
+
+def bench_transport(plan: Plan) -> dict[str, Any]:
+    """Round trips through the host with the model-free backend: the protocol's own cost."""
+    with host("dummy", SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="1") as sock, HostClient(sock) as client:
+        out = {}
+        for name, call in (("ping", client.ping), ("encode_1", lambda: client.encode(["한 문장"]))):
+            call()
+            times = []
+            for _ in range(plan.transport_calls):
+                started = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - started)
+            out[name] = {"p50_us": percentile(times, 50) * 1e6, "p99_us": percentile(times, 99) * 1e6}
+        progress(f"transport: ping p50 {out['ping']['p50_us']:.0f} us, encode p50 {out['encode_1']['p50_us']:.0f} us")
+        return out
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _md_memory(rows: list[dict[str, Any]]) -> str:
+    ref = rows[0]["pss"]
+    lines = [
+        "| setup | consumers | RSS sum (MB) | PSS sum (MB) | USS sum (MB) | PSS / one in-process model |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['consumers']} | {r['rss'] / 2**20:,.0f} | {r['pss'] / 2**20:,.0f} | "
+            f"{r['uss'] / 2**20:,.0f} | {r['pss'] / ref:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _md_concurrency(c: dict[str, Any]) -> str:
+    systems = [("host (dynamic batching)", c["host"]), ("one model per process", c["naive"])]
+    if "levels" in c["infinity"]:
+        systems.append((f"infinity-emb {c['infinity'].get('version', '')}", c["infinity"]["levels"]))
+    lines = ["| system | clients | req/s | p50 (ms) | p99 (ms) | errors |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rows in systems:
+        for r in rows:
+            lines.append(
+                f"| {name} | {r['clients']} | {r['throughput_rps']:,.0f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['errors']} |"
+            )
+    if "error" in c["infinity"]:
+        lines.append(f"\ninfinity-emb: {c['infinity']['error']}")
+    pool, bulk = c["st_pool"], c["host_bulk"]
+    if "error" in pool:
+        lines.append(f"\nsentence-transformers pool: {pool['error']}")
+    else:
+        lines.append(
+            f"\nOne input of {pool['sentences']} sentences: sentence-transformers' multi-process pool "
+            f"{pool['throughput_sentences_per_s']:,.0f} sentences/s, the host "
+            f"{bulk['throughput_sentences_per_s']:,.0f} sentences/s."
+        )
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    parts = [f"# Benchmarks ({results['mode']} mode, {results['machine']})", ""]
+    for model, r in results["models"].items():
+        s = r["startup"]
+        parts += [
+            f"## {model}",
+            "",
+            "### Memory",
+            "",
+            _md_memory(r["memory"]),
+            "",
+            "### Start-up (process start to first vector)",
+            "",
+            f"- one model per process: {s['naive_first_vector_s']:.2f} s; torch-free client with a warm host: "
+            f"{s['client_first_vector_s']:.3f} s (ratio {s['ratio_client_vs_naive']:.3f})",
+            f"- host cold start to first answer: {s['host_cold_start_s']:.2f} s "
+            f"(import {s['host_boot_s']['import']} s, load {s['host_boot_s']['load']} s, "
+            f"place weights {s['host_boot_s']['place']} s, fork until workers ready "
+            f"{s['host_boot_s']['fork_until_ready']} s)",
+            "",
+            "### Overhead of the host (one worker with every core vs in-process)",
+            "",
+            "| batch size | in-process (ms) | host (ms) | host / in-process |",
+            "|---:|---:|---:|---:|",
+        ]
+        parts += [
+            f"| {o['batch_size']} | {o['in_process_ms']:.1f} | {o['host_ms']:.1f} | {o['ratio']:.2f} |"
+            for o in r["overhead"]
+        ]
+        parts += ["", "### Concurrent clients, batch-1 requests", "", _md_concurrency(r["concurrency"]), ""]
+    t = results["transport"]
+    parts += [
+        "## Transport (model-free backend)",
+        "",
+        f"- ping round trip: p50 {t['ping']['p50_us']:.0f} us, p99 {t['ping']['p99_us']:.0f} us",
+        f"- encode of one text: p50 {t['encode_1']['p50_us']:.0f} us, p99 {t['encode_1']['p99_us']:.0f} us",
+        "",
+        f"Reproduce: `{results['command']}`",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict[str, Any], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]')"
+    models = list(results["models"])
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        c = results["models"][model]["concurrency"]
+        series = [("host", c["host"]), ("one model per process", c["naive"])]
+        if "levels" in c["infinity"]:
+            series.append(("infinity-emb", c["infinity"]["levels"]))
+        for name, rows in series:
+            xs = [r["clients"] for r in rows]
+            axes[row][0].plot(xs, [r["throughput_rps"] for r in rows], marker="o", label=name)
+            axes[row][1].plot(xs, [r["p99_ms"] for r in rows], marker="o", label=name)
+        axes[row][0].set(
+            title=f"{model}: throughput, batch-1 requests",
+            xlabel="concurrent clients",
+            ylabel="requests/s",
+            xscale="log",
+        )
+        axes[row][1].set(
+            title=f"{model}: p99 latency", xlabel="concurrent clients", ylabel="ms", xscale="log", yscale="log"
+        )
+        axes[row][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def run(plan: Plan, out_dir: str) -> dict[str, Any]:
+    import platform
+
+    results: dict[str, Any] = {
+        "mode": plan.mode,
+        "machine": f"{_cores()} cores, {platform.python_version()}",
+        "command": f"python -m benchmarks.run --{plan.mode}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "models": {},
+    }
+    for name in plan.models:
+        model = memory.model_name(name)
+        progress(f"model {name}: {model}")
+        per: dict[str, Any] = {}
+        per["memory"] = [r.__dict__ for r in memory.run_all(model, plan.consumers, plan.placements, 2, plan.copied)]
+        per["startup"] = bench_startup(plan, model)
+        per["overhead"] = bench_overhead(plan, model)
+        per["concurrency"] = bench_concurrency(plan, name, model)
+        results["models"][name] = per
+    results["transport"] = bench_transport(plan)
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, plan.mode)
+    with open(base + ".json", "w") as fh:
+        json.dump(results, fh, indent=2, default=float)
+    with open(base + ".md", "w") as fh:
+        fh.write(markdown(results))
+    problem = plot(results, base + ".png")
+    if problem:
+        progress(f"no plot: {problem}")
+    progress(f"wrote {base}.json, .md{'' if problem else ', .png'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    for mode in PLANS:
+        group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=f"{mode} mode")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
+    args = parser.parse_args(argv)
+    plan = PLANS[args.mode or "quick"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        run(plan, args.out)
+    except KeyboardInterrupt:
+        progress("interrupted; ending every process started")
+        return 130
+    finally:
+        end_all()
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Every benchmark runs once in a tiny configuration, so that the scripts cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, base_env
+
+
+@pytest.mark.timeout(600)
+def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "tiny.json").read_text())
+    bundled = results["models"]["bundled"]
+    memory = bundled["memory"]
+    assert [r["setup"] for r in memory] == ["naive (one model per process)"] * 2 + ["host, weights=auto, 2 workers"]
+    assert all(r["pss"] > 0 and r["rss"] >= r["pss"] >= r["uss"] for r in memory)
+    startup = bundled["startup"]
+    assert 0 < startup["client_first_vector_s"] < startup["naive_first_vector_s"]
+    assert set(startup["host_boot_s"]) == {"import", "load", "place", "fork_until_ready"}
+    assert [o["batch_size"] for o in bundled["overhead"]] == [1, 8]
+    assert all(o["in_process_ms"] > 0 and o["host_ms"] > 0 for o in bundled["overhead"])
+    concurrency = bundled["concurrency"]
+    for system in ("host", "naive"):
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in concurrency[system])
+    assert concurrency["st_pool"]["throughput_sentences_per_s"] > 0
+    assert concurrency["host_bulk"]["throughput_sentences_per_s"] > 0
+    assert concurrency["infinity"] == {"error": "skipped in this mode"}
+    assert results["transport"]["ping"]["p50_us"] > 0
+    report = (tmp_path / "tiny.md").read_text()
+    assert "### Memory" in report and "| host (dynamic batching) | 2 |" in report
+    assert (tmp_path / "tiny.png").stat().st_size > 10_000
+    assert "ending every process" not in proc.stderr
