@@ -64,7 +64,7 @@ def main() -> None:
     if mode == "client":
         from shm_model.client import HostClient
 
-        vectors = HostClient().encode(SAMPLE)
+        vectors = HostClient(timeout=1800).encode(SAMPLE)
     else:
         st = _load(model, 1)
         if mode == "copied":

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import psutil
 
 from benchmarks.common import ROOT, bench_env, end, host, progress
 from shm_model.client import HostClient
@@ -131,29 +134,74 @@ def run_host(model: str, n: int, placement: str, workers: int) -> Result:
     )
 
 
+def _weights_bytes(model: str) -> int:
+    from config.model_config import ModelConfig
+    from workers.backends import resolve_model
+
+    root = resolve_model(ModelConfig(name=model)).location
+    return sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(root)
+        for f in files
+        if f.endswith((".safetensors", ".bin"))
+    )
+
+
 def run_all(model: str, consumers: list[int], placements: list[str], workers: int, copied: bool) -> list[Result]:
-    """The reference (one in-process model) first, then every setup for each consumer count."""
+    """The reference (one in-process model) first, then every setup for each consumer count.
+
+    A setup that would not fit in memory (copied weights: one private copy per consumer) is
+    skipped, and one that fails is recorded with its error; the run goes on either way.
+    """
     results = [run_naive(model, 1)]
+    weights = _weights_bytes(model)
     for n in consumers:
-        steps = [("naive", lambda n=n: run_naive(model, n))]
+        steps = [("naive (one model per process)", "local")]
         if copied:
-            steps.append(("copied weights", lambda n=n: run_naive(model, n, "copied")))
-        steps += [(f"host, {p}", lambda n=n, p=p: run_host(model, n, p, workers)) for p in placements]
-        for label, step in steps:
+            steps.append(("naive, copied weights", "copied"))
+        steps += [(f"host, weights={p}, {workers} workers", p) for p in placements]
+        for label, kind in steps:
             progress(f"memory: {n} consumers, {label}")
-            results.append(step())
+            needed = n * weights * 1.2 if kind == "copied" else 0
+            available = psutil.virtual_memory().available
+            if needed > 0.8 * available:
+                results.append(
+                    Result(
+                        label,
+                        n,
+                        0,
+                        0,
+                        0,
+                        0.0,
+                        {"skipped": f"needs about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"},
+                    )
+                )
+                continue
+            try:
+                if kind in ("local", "copied"):
+                    results.append(run_naive(model, n, kind))
+                else:
+                    results.append(run_host(model, n, kind, workers))
+            except Exception as exc:  # noqa: BLE001 - recorded in the results, the run goes on
+                results.append(Result(label, n, 0, 0, 0, 0.0, {"error": f"{type(exc).__name__}: {exc}"}))
     return results
 
 
-def table(results: list[Result], reference_pss: int) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of ``Result.__dict__`` rows; the first row is the one-model reference."""
+    reference = rows[0]["pss"]
     lines = [
         "| setup | consumers | RSS sum (MB) | PSS sum (MB) | USS sum (MB) | PSS / one in-process model |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+    for r in rows:
+        why = r["detail"].get("skipped") or r["detail"].get("error")
+        if why:
+            lines.append(f"| {r['setup']} | {r['consumers']} | - | - | - | {why} |")
+            continue
         lines.append(
-            f"| {r.setup} | {r.consumers} | {r.rss / 2**20:,.0f} | {r.pss / 2**20:,.0f} | "
-            f"{r.uss / 2**20:,.0f} | {r.pss / reference_pss:.2f} |"
+            f"| {r['setup']} | {r['consumers']} | {r['rss'] / 2**20:,.0f} | {r['pss'] / 2**20:,.0f} | "
+            f"{r['uss'] / 2**20:,.0f} | {r['pss'] / reference:.2f} |"
         )
     return "\n".join(lines)
 
@@ -170,8 +218,7 @@ def main() -> None:
     model = model_name(args.model)
     progress(f"model: {args.model} ({model})")
     results = run_all(model, args.consumers, args.placements, args.workers, not args.no_copied)
-    reference = results[0]
-    print(table(results, reference.pss))
+    print(table([r.__dict__ for r in results]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r.__dict__ for r in results], fh, indent=2)

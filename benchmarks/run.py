@@ -452,20 +452,6 @@ def bench_transport(plan: Plan) -> dict[str, Any]:
 # --- report ---------------------------------------------------------------------------------
 
 
-def _md_memory(rows: list[dict[str, Any]]) -> str:
-    ref = rows[0]["pss"]
-    lines = [
-        "| setup | consumers | RSS sum (MB) | PSS sum (MB) | USS sum (MB) | PSS / one in-process model |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['setup']} | {r['consumers']} | {r['rss'] / 2**20:,.0f} | {r['pss'] / 2**20:,.0f} | "
-            f"{r['uss'] / 2**20:,.0f} | {r['pss'] / ref:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def _md_concurrency(c: dict[str, Any]) -> str:
     systems = [("host (dynamic batching)", c["host"]), ("one model per process", c["naive"])]
     if "levels" in c["infinity"]:
@@ -500,7 +486,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "### Memory",
             "",
-            _md_memory(r["memory"]),
+            memory.table(r["memory"]),
             "",
             "### Start-up (process start to first vector)",
             "",

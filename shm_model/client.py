@@ -38,7 +38,7 @@ from shm_model.protocol import (
 )
 
 #: Texts and bytes sent in one request; longer inputs go as several requests.
-CHUNK_TEXTS = 1024
+CHUNK_TEXTS = 256
 CHUNK_BYTES = 8 * 1024 * 1024
 #: Bound on a reply frame: CHUNK_TEXTS vectors of up to 65,536 float32 each, plus headers.
 MAX_REPLY_BYTES = CHUNK_TEXTS * 65536 * 4 + (1 << 20)
@@ -150,8 +150,17 @@ class HostClient:
             sock, reused = self._acquire(deadline)
             try:
                 sock.settimeout(max(0.001, remaining + DEADLINE_SLACK))
-                sock.sendall(pack(header))
-                frame = recv_frame(sock, MAX_REPLY_BYTES)
+                try:
+                    sock.sendall(pack(header))
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # The host may have refused the frame (too large) and closed: its reply waits.
+                    sock.settimeout(0.2)
+                    try:
+                        frame = recv_frame(sock, MAX_REPLY_BYTES)
+                    except TimeoutError:
+                        raise exc from None
+                else:
+                    frame = recv_frame(sock, MAX_REPLY_BYTES)
             except TimeoutError:
                 sock.close()
                 raise RequestTimeout(
@@ -168,11 +177,12 @@ class HostClient:
             except BaseException:
                 sock.close()
                 raise
-            if frame.header.get("id") != rid and frame.header.get("ok") is not False:
-                sock.close()
-                raise ProtocolError(f"reply for request {frame.header.get('id')!r}, expected {rid}")
-            if frame.header.get("ok") is False and frame.header.get("id") is None:
+            reply_id = frame.header.get("id")
+            if reply_id is None and frame.header.get("ok") is False:
                 sock.close()  # a connection-level error: the host closes this connection
+            elif reply_id != rid:
+                sock.close()
+                raise ProtocolError(f"reply for request {reply_id!r}, expected {rid}")
             else:
                 self._release(sock)
             return raise_for_reply(frame)
@@ -222,7 +232,9 @@ class HostClient:
 
         A string gives a 1-D array, a list a 2-D array (an empty list: shape (0, dim)).
         ``batch_size`` sets the request size when a progress bar is shown; the host forms
-        its own batches across all clients. ``timeout`` bounds the whole call.
+        its own batches across all clients. A long input goes as several requests: an explicit
+        ``timeout`` bounds the whole call; without one, each request gets the client's default
+        timeout, so a large corpus is not cut off by a limit meant for one request.
         """
         if output_value != "sentence_embedding" or precision != "float32":
             raise BadRequest("the host returns float32 sentence embeddings only")
@@ -235,10 +247,9 @@ class HostClient:
             raise BadRequest(f"sentences must be a string or a list of strings, not {type(sentences).__name__}")
         else:
             texts = validate_texts(list(sentences), limit=None)  # sent in chunks below the host's limit
-        timeout = self.timeout if timeout is None else timeout
-        if not timeout > 0:
+        if timeout is not None and not timeout > 0:
             raise BadRequest(f"timeout must be > 0 seconds, got {timeout!r}")
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         fields: dict[str, Any] = {}
         if prompt is not None:
             fields["prompt"] = prompt
@@ -255,7 +266,8 @@ class HostClient:
         try:
             offset = 0
             for chunk in chunks:
-                vectors = vectors_from_frame(self._request("encode", deadline, {"texts": chunk, **fields}))
+                chunk_deadline = deadline if deadline is not None else time.monotonic() + self.timeout
+                vectors = vectors_from_frame(self._request("encode", chunk_deadline, {"texts": chunk, **fields}))
                 if vectors.shape[0] != len(chunk):
                     raise ProtocolError(f"host returned {vectors.shape[0]} vectors for {len(chunk)} texts")
                 if result is None:

@@ -225,7 +225,7 @@ class Supervisor:
                 )
             if self._start_method == "fork":
                 self._backend = self._load()
-                self._meta = self._describe(self._backend)
+                self._meta = self._backend.describe()
             return asyncio.run(self._serve())
         finally:
             self._cleanup_files()
@@ -248,17 +248,11 @@ class Supervisor:
                 self._device,
                 backend.dimension,
                 time.perf_counter() - started,
-                getattr(backend, "placement", {}),
+                backend.placement,
             )
             return backend
         finally:
             self._loading = False
-
-    @staticmethod
-    def _describe(backend: Backend) -> dict[str, Any]:
-        meta = backend.describe()
-        meta["prompts"] = dict(backend.prompts)
-        return meta
 
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -888,7 +882,7 @@ class Supervisor:
             old_backend = self._backend
             self._generation, self._backend = generation, backend
             if backend is not None:
-                self._meta = self._describe(backend)
+                self._meta = backend.describe()
             for w in list(self._workers.values()):
                 if w.generation < generation:
                     self._retire(w)

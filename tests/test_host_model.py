@@ -9,8 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from shm_model.memory import smaps_breakdown
-from tests.conftest import ROOT, Host, base_env
+from tests.conftest import ROOT, Host, assert_workers_share_the_weights, base_env
 
 TEXTS = [
     "서울특별시의 2023년 인구는 약 940만 명이다.",
@@ -72,23 +71,9 @@ def test_sixteen_threads_fifty_requests_each(bundled_host: Host, bundled_model) 
 
 
 def test_workers_hold_no_private_copy_of_the_weights(bundled_host: Host) -> None:
-    client = bundled_host.client(pool_size=8)
     batch = [f"문장 {i}: 가나다라마바사 아자차카타파하" for i in range(64)] + TEXTS
-    threads = [threading.Thread(target=lambda: [client.encode(batch) for _ in range(3)]) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    status = bundled_host.status()
-    weight_bytes = status["weight_bytes"]
-    assert weight_bytes > 80 * 2**20
-    assert all(w["requests_served"] > 0 for w in status["workers"]), status["workers"]
-    for worker in status["workers"]:
-        breakdown = smaps_breakdown(worker["pid"])
-        # Nothing was written into the weights: no dirty page in a checkpoint or shm mapping.
-        for kind in ("weight-file", "shm"):
-            assert breakdown.get(kind, {}).get("private_dirty", 0) == 0, (kind, breakdown)
-        assert worker["uss"] < 0.25 * weight_bytes, (worker, breakdown)
+    status = assert_workers_share_the_weights(bundled_host, batch, rounds=3)
+    assert status["weight_bytes"] > 80 * 2**20
 
 
 def test_client_imports_neither_torch_nor_sentence_transformers(bundled_host: Host) -> None:

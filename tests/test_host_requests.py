@@ -112,6 +112,22 @@ def test_timeout_arrives_by_the_deadline_and_hung_worker_is_replaced(host_factor
     assert "past its batch deadline" in host.log()
 
 
+def test_default_timeout_applies_per_request_and_explicit_timeout_to_the_call(dummy_host) -> None:
+    from shm_model.client import CHUNK_TEXTS
+
+    # Three requests of CHUNK_TEXTS texts, each about 0.3 s: longer than 0.5 s in all.
+    texts = [f"t{i}" for i in range(3 * CHUNK_TEXTS)]
+    for i in range(0, len(texts), CHUNK_TEXTS):
+        texts[i] = "__sleep__:0.3"
+    client = dummy_host.client(timeout=0.5)
+    started = time.monotonic()
+    vectors = client.encode(texts)
+    assert time.monotonic() - started > 0.5
+    assert vectors.shape == (len(texts), 32)
+    with pytest.raises(RequestTimeout):
+        client.encode(texts, timeout=0.5)
+
+
 def test_expired_request_is_never_sent_to_a_worker(host_factory) -> None:
     host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="1", SHM_MODEL_WORKER_GRACE="30")
     client = host.client()
@@ -193,8 +209,8 @@ def test_lone_surrogate_is_named(dummy_host: Host) -> None:
 
 def test_oversize_request_from_the_client(host_factory) -> None:
     host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_MAX_FRAME_BYTES="65536")
-    with pytest.raises((PayloadTooLarge, HostUnavailable)):
-        host.client().encode(["x" * 200_000])
+    with pytest.raises(PayloadTooLarge, match="exceeds the limit of 65536 bytes"):
+        host.client().encode(["x" * 2_000_000])
     assert_serves(host)
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -25,22 +25,6 @@ from shm_model.errors import BadRequest, ConfigError, ModelLoadError
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class Backend(Protocol):
-    name: str
-    dimension: int
-    max_seq_length: int
-    device: str
-    prompts: dict[str, str]
-
-    def estimate_tokens(self, text: str) -> int: ...
-
-    def prepare_worker(self, threads: int) -> None: ...
-
-    def encode(self, texts: list[str], prompt: str | None) -> np.ndarray: ...
-
-    def describe(self) -> dict[str, Any]: ...
 
 
 def estimate_tokens(text: str, max_seq_length: int) -> int:
@@ -207,10 +191,41 @@ def checkpoint_mappings() -> list[str]:
 # --- backends ---------------------------------------------------------------------------
 
 
-class SentenceTransformerBackend:
+class Backend:
+    """What every backend reports about itself and how the supervisor sizes its texts."""
+
+    name = location = device = ""
+    dimension = max_seq_length = weight_bytes = 0
+    import_seconds = load_seconds = place_seconds = 0.0
+
+    def __init__(self) -> None:
+        self.prompts: dict[str, str] = {}
+        self.placement: dict[str, int] = {}
+
+    def estimate_tokens(self, text: str) -> int:
+        return estimate_tokens(text, self.max_seq_length)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "model_path": self.location,
+            "dimension": self.dimension,
+            "max_seq_length": self.max_seq_length,
+            "device": self.device,
+            "prompts": dict(self.prompts),
+            "weight_bytes": self.weight_bytes,
+            "weights": dict(self.placement),
+            "import_seconds": round(self.import_seconds, 3),
+            "load_seconds": round(self.load_seconds, 3),
+            "place_seconds": round(self.place_seconds, 3),
+        }
+
+
+class SentenceTransformerBackend(Backend):
     """A SentenceTransformer in eval mode whose weights are placed for sharing."""
 
     def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig, *, place: bool = True) -> None:
+        super().__init__()
         started = time.perf_counter()
         import torch
         from sentence_transformers import SentenceTransformer
@@ -241,16 +256,11 @@ class SentenceTransformerBackend:
         self.prompts = dict(getattr(model, "prompts", {}) or {})
         self.weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
         self.load_seconds = time.perf_counter() - started
-        self.placement: dict[str, int] = {}
-        self.place_seconds = 0.0
         if place and self.device == "cpu":
             started = time.perf_counter()
             self.placement = place_weights(model, host_cfg.weights)
             self.place_seconds = time.perf_counter() - started
         self._torch = torch
-
-    def estimate_tokens(self, text: str) -> int:
-        return estimate_tokens(text, self.max_seq_length)
 
     def prepare_worker(self, threads: int) -> None:
         self._torch.set_num_threads(threads)
@@ -267,22 +277,8 @@ class SentenceTransformerBackend:
             )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "model_path": self.location,
-            "dimension": self.dimension,
-            "max_seq_length": self.max_seq_length,
-            "device": self.device,
-            "weight_bytes": self.weight_bytes,
-            "weights": self.placement,
-            "import_seconds": round(self.import_seconds, 3),
-            "load_seconds": round(self.load_seconds, 3),
-            "place_seconds": round(self.place_seconds, 3),
-        }
 
-
-class DummyBackend:
+class DummyBackend(Backend):
     """Deterministic hash vectors with no model: fast tests and transport benchmarks.
 
     Texts that start with these markers inject faults, for the reliability tests:
@@ -290,17 +286,12 @@ class DummyBackend:
     """
 
     def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig, *, dimension: int = 32) -> None:
-        self.name = "dummy"
-        self.location = "dummy"
+        super().__init__()
+        self.name = self.location = "dummy"
         self.dimension = dimension
         self.max_seq_length = 128
         self.device = "cpu"
         self.prompts = {"query": "query: ", "passage": "passage: "}
-        self.weight_bytes = 0
-        self.import_seconds = self.load_seconds = 0.0
-
-    def estimate_tokens(self, text: str) -> int:
-        return estimate_tokens(text, self.max_seq_length)
 
     def prepare_worker(self, threads: int) -> None:
         return None
@@ -325,20 +316,6 @@ class DummyBackend:
         for i, text in enumerate(texts):
             out[i] = self.vector((prompt or "") + text, self.dimension)
         return out
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "model_path": self.location,
-            "dimension": self.dimension,
-            "max_seq_length": self.max_seq_length,
-            "device": self.device,
-            "weight_bytes": 0,
-            "weights": {},
-            "import_seconds": 0.0,
-            "load_seconds": 0.0,
-            "place_seconds": 0.0,
-        }
 
 
 def load_backend(model_cfg: ModelConfig, host_cfg: HostConfig, *, place: bool = True) -> Backend:

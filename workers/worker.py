@@ -105,9 +105,7 @@ class Worker:
     def run(self) -> int:
         assert self.backend is not None and self.channel is not None
         self.backend.prepare_worker(self.threads)
-        describe = self.backend.describe()
-        describe["prompts"] = dict(self.backend.prompts)
-        self.channel.sendall(pack({"op": "ready", "pid": os.getpid(), "backend": describe}))
+        self.channel.sendall(pack({"op": "ready", "pid": os.getpid(), "backend": self.backend.describe()}))
         log.info("ready (%d torch threads)", self.threads)
         while True:
             try:
