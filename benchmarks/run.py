@@ -465,6 +465,8 @@ def _md_concurrency(c: dict[str, Any]) -> str:
             )
     if "error" in c["infinity"]:
         lines.append(f"\ninfinity-emb: {c['infinity']['error']}")
+    if "note" in c["infinity"]:
+        lines.append(f"\ninfinity-emb: {c['infinity']['note']}")
     pool, bulk = c["st_pool"], c["host_bulk"]
     if "error" in pool:
         lines.append(f"\nsentence-transformers pool: {pool['error']}")

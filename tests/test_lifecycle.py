@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from shm_model.client import HostClient
+from shm_model.client import CHUNK_TEXTS, HostClient
 from shm_model.errors import HostUnavailable, ShmModelError
 from tests.conftest import ROOT, Host, pid_alive, poll
 from workers.backends import DummyBackend
@@ -101,7 +101,7 @@ def test_sigterm_drains_in_flight_requests_and_cleans_up(host_factory, tmp_path)
     assert os.path.exists(lock_path)
     assert shm_entries() == shm_before  # shared segments are unlinked once mapped
     client = host.client(pool_size=8)
-    texts = [f"drain {i}" for i in range(400)]
+    texts = [f"drain {i}" for i in range(CHUNK_TEXTS)]  # one request each
     results: list[object] = []
     threads = [threading.Thread(target=lambda: results.append(client.encode(texts))) for _ in range(4)]
     for t in threads:
@@ -111,7 +111,7 @@ def test_sigterm_drains_in_flight_requests_and_cleans_up(host_factory, tmp_path)
     for t in threads:
         t.join(60)
     assert host.proc.wait(30) == 0
-    assert len(results) == 4 and all(isinstance(r, np.ndarray) and r.shape == (400, 384) for r in results)
+    assert len(results) == 4 and all(isinstance(r, np.ndarray) and r.shape == (CHUNK_TEXTS, 384) for r in results)
     assert not os.path.exists(host.socket) and not os.path.exists(lock_path)
     assert not os.path.exists(os.path.dirname(host.socket))
     poll(lambda: not any(pid_alive(p) for p in workers), 5, what="workers to exit")
