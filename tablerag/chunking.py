@@ -1,0 +1,182 @@
+"""Blocks into chunks: Korean sentences packed to a token budget, one chunk per table row.
+
+A table row becomes a chunk that stands alone: the table's caption and location, then
+``header: value`` for every cell, so "서울특별시 2023년 인구" finds the row. A table that
+fits the budget is also a chunk of its own as Markdown. Text is split into sentences with
+kiwipiepy and packed up to the budget with one sentence of overlap.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tablerag.documents import Block, Table
+
+#: Tokens per text chunk when the model allows more; shorter chunks retrieve more precisely.
+DEFAULT_BUDGET = 256
+#: Morpheme tags kept for BM25: nouns, numbers, roots, verbs and adjectives, foreign words.
+BM25_TAGS = ("NN", "NR", "NP", "SN", "SL", "SH", "XR", "VV", "VA", "MAG")
+
+_kiwi_lock = threading.Lock()
+
+
+@dataclass
+class Chunk:
+    kind: str  # "text" | "row" | "table"
+    text: str
+    location: dict[str, Any] = field(default_factory=dict)
+    table: int | None = None  # index of the table in the document
+    row: dict[str, str] | None = None  # header -> value, for a row chunk
+
+
+@functools.cache
+def kiwi() -> Any:
+    from kiwipiepy import Kiwi
+
+    return Kiwi()
+
+
+def split_sentences(text: str) -> list[str]:
+    with _kiwi_lock:
+        return [s.text.strip() for s in kiwi().split_into_sents(text) if s.text.strip()]
+
+
+def terms(text: str) -> list[str]:
+    """Terms for BM25: content morphemes and numbers, lower-cased, plus the character bigrams
+    of longer nouns, since the analyser splits compounds differently in context
+    ("서울특별시" in a table row, "서울 특별시" in a question)."""
+    with _kiwi_lock:
+        tokens = kiwi().tokenize(text)
+    out: list[str] = []
+    for token in tokens:
+        if token.tag.startswith(BM25_TAGS):
+            form = token.form.lower()
+            out.append(form)
+            if token.tag.startswith("NN") and len(form) >= 3:
+                out += [form[i : i + 2] for i in range(len(form) - 1)]
+    return out
+
+
+class TokenCounter:
+    """Counts tokens with the model's own tokenizer (``tokenizer.json``), or estimates them."""
+
+    def __init__(self, model_path: str | None) -> None:
+        self._tokenizer: Any = None
+        path = os.path.join(model_path, "tokenizer.json") if model_path else ""
+        if path and os.path.isfile(path):
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(path)
+            self._tokenizer.no_truncation()
+            self._tokenizer.no_padding()
+        self.exact = self._tokenizer is not None
+
+    def __call__(self, text: str) -> int:
+        if self._tokenizer is not None:
+            return len(self._tokenizer.encode(text).ids)
+        return 2 + len(text.encode("utf-8")) // 3
+
+
+def location_label(location: dict[str, Any]) -> str:
+    parts = []
+    if "sheet" in location:
+        parts.append(f"시트 {location['sheet']}")
+    if "page" in location:
+        parts.append(f"{location['page']}쪽")
+    if location.get("section"):
+        parts.append(str(location["section"]))
+    return ", ".join(parts)
+
+
+def row_text(table: Table, row: list[str], location: dict[str, Any]) -> str:
+    context = table.caption or location.get("section") or location.get("sheet") or ""
+    pairs = ", ".join(f"{h}: {v}" for h, v in zip(table.header, row, strict=False) if v)
+    return f"{context}\n{pairs}" if context else pairs
+
+
+def table_text(table: Table) -> str:
+    return f"{table.caption}\n{table.markdown()}" if table.caption else table.markdown()
+
+
+def chunk_blocks(blocks: list[Block], count: Callable[[str], int], budget: int = DEFAULT_BUDGET) -> list[Chunk]:
+    """Chunks in document order; tables are numbered in the order they appear."""
+    chunks: list[Chunk] = []
+    pending: list[Block] = []
+    tables = 0
+
+    def flush() -> None:
+        if pending:
+            chunks.extend(_pack_text(pending, count, budget))
+            pending.clear()
+
+    for block in blocks:
+        if block.kind == "table" and block.table is not None:
+            flush()
+            table = block.table
+            if count(table_text(table)) <= budget:
+                chunks.append(Chunk("table", table_text(table), dict(block.location), table=tables))
+            for row in table.rows:
+                cells = {h: v for h, v in zip(table.header, row, strict=False) if v}
+                chunks.append(Chunk("row", row_text(table, row, block.location), dict(block.location), tables, cells))
+            tables += 1
+        else:
+            if pending and pending[-1].location != block.location:
+                flush()
+            pending.append(block)
+    flush()
+    return chunks
+
+
+def _pack_text(blocks: list[Block], count: Callable[[str], int], budget: int) -> list[Chunk]:
+    location = dict(blocks[0].location)
+    heading = location.get("section", "")
+    prefix = f"{heading}\n" if heading else ""
+    room = max(16, budget - count(prefix))
+    sentences: list[str] = []
+    for block in blocks:
+        for sentence in split_sentences(block.text) or [block.text]:
+            sentences += _fit(sentence, count, room)
+    chunks: list[Chunk] = []
+    current: list[str] = []
+    for sentence in sentences:
+        if current and count(prefix + " ".join([*current, sentence])) > budget:
+            chunks.append(Chunk("text", prefix + " ".join(current), dict(location)))
+            last = current[-1]  # one sentence of overlap, when it is short and fits
+            current = [last] if count(last) <= room // 4 and count(f"{prefix}{last} {sentence}") <= budget else []
+        current.append(sentence)
+    if current:
+        chunks.append(Chunk("text", prefix + " ".join(current), dict(location)))
+    return chunks
+
+
+def _fit(sentence: str, count: Callable[[str], int], room: int) -> list[str]:
+    """A sentence longer than the budget, cut at spaces (or anywhere) into pieces that fit."""
+    if count(sentence) <= room:
+        return [sentence]
+    pieces: list[str] = []
+    current = ""
+    for word in sentence.split(" "):
+        while count(word) > room:  # one long word: cut it by characters
+            cut = len(word)
+            while cut > 1 and count(word[:cut]) > room:
+                cut //= 2
+            pieces.append(word[:cut])
+            word = word[cut:]
+        candidate = f"{current} {word}" if current else word
+        if current and count(candidate) > room:
+            pieces.append(current)
+            candidate = word
+        current = candidate
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
