@@ -101,6 +101,13 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    import api_server
+
+    argv = ["--host", args.host, "--port", str(args.port)] if args.host else ["--port", str(args.port)]
+    return api_server.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shm-model",
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the vectors as a JSON array")
     add("reload", _reload, "load the model again and replace the workers without failing requests")
     add("stop", _stop, "stop the host gracefully (in-flight requests finish)")
+    p = add("api", _api, "run the chat (RAG) API server on the host (uvicorn; see api_server.py)")
+    p.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"), help="address (API_HOST)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")), help="port (API_PORT)")
     return parser
 
 
