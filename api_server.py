@@ -419,12 +419,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/search")
     def search(body: SearchRequest) -> dict[str, Any]:
+        if not body.query.strip():
+            raise errors.BadRequest("query: only whitespace")
         check_model()
         hits = retriever().search(body.query, k=body.k, mode=body.mode)
         return {"query": body.query, "mode": body.mode, "results": [citation(n, h) for n, h in enumerate(hits, 1)]}
 
     @app.post("/chat", response_model=None)
     def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        if not body.question.strip():
+            raise errors.BadRequest("question: only whitespace")
         check_model()
         hits = retriever().search(body.question, k=body.k, mode=body.mode)
         sources = [citation(n, h) for n, h in enumerate(hits, 1)]

@@ -208,6 +208,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
     ),
     Setting(
+        "SHM_MODEL_CRASH_RETRIES",
+        "crash_retries",
+        "1",
+        "times a request is retried alone after its worker died; one more crash fails it (poison isolation)",
+        _int(0),
+    ),
+    Setting(
         "SHM_MODEL_WORKER_GRACE",
         "worker_grace",
         "5",
@@ -308,6 +315,7 @@ class HostConfig:
     allowed_uids: tuple[int, ...] = ()
     graceful_timeout: float = 30.0
     worker_grace: float = 5.0
+    crash_retries: int = 1
     start_method: str = "auto"
     backend: str = "sentence-transformers"
     log_level: str = "info"

@@ -104,8 +104,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace) -> int:
     import api_server
 
-    argv = ["--host", args.host, "--port", str(args.port)] if args.host else ["--port", str(args.port)]
-    return api_server.main(argv)
+    return api_server.main(["--host", args.host, "--port", str(args.port), "--log-level", args.log_level])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("api", _api, "run the chat (RAG) API server on the host (uvicorn; see api_server.py)")
     p.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"), help="address (API_HOST)")
     p.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")), help="port (API_PORT)")
+    p.add_argument("--log-level", default=os.environ.get("SHM_MODEL_LOG_LEVEL", "info"), help="debug, info, warning")
     return parser
 
 

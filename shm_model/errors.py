@@ -10,7 +10,7 @@ the socket so that the client raises the same class the host raised::
      ├── PermissionDenied       the host refuses this user (peer uid check or socket mode)
      ├── Overloaded             the request queue is full; retry later
      ├── RequestTimeout         the request's deadline passed before its vectors were ready
-     ├── WorkerCrashed          the request killed a worker twice (poison isolation)
+     ├── WorkerCrashed          the request killed workers past its retries (poison isolation)
      ├── BadRequest             the request itself is wrong (says what and where)
      │    └── PayloadTooLarge   a frame over the size limit
      ├── ProtocolError          the peer broke the framing; the connection is closed

@@ -9,7 +9,7 @@ then run one asyncio loop that
 * cuts requests into pieces and hands batches of pieces to idle workers, capped by
   sentence count, estimated padded tokens and bytes (continuous, greedy batching);
 * answers each request by its deadline, with vectors or a typed error;
-* replaces workers that die (their batch is retried once, each piece alone) or that
+* replaces workers that die (each piece of their batch is retried alone, SHM_MODEL_CRASH_RETRIES times) or that
   overrun a deadline (SIGABRT, then SIGKILL);
 * reloads the model on SIGHUP without failing a request, and drains on SIGTERM/SIGINT.
 
@@ -493,7 +493,7 @@ class Supervisor:
                 self._batch_failed(
                     pieces,
                     WorkerCrashed(
-                        "the request crashed a worker twice; it was not retried again",
+                        f"the request crashed a worker {self.cfg.crash_retries + 1} times; it was not retried again",
                         pid=w.pid,
                     ),
                     crashed=True,
@@ -823,14 +823,15 @@ class Supervisor:
                 self._finish(req)
 
     def _batch_failed(self, pieces: list[Piece], error: ShmModelError, *, crashed: bool) -> None:
-        """Retry each piece of a failed batch alone, once; a piece that fails alone fails its request."""
+        """Retry each piece of a failed batch alone (after a crash up to SHM_MODEL_CRASH_RETRIES
+        times); a piece that fails alone beyond that fails its request."""
         retry: list[Piece] = []
         for piece in pieces:
             if piece.request.done:
                 continue
             piece.failures += 1
             isolated = piece.solo or len(pieces) == 1
-            if (crashed and piece.failures >= 2) or (not crashed and isolated):
+            if (crashed and piece.failures > self.cfg.crash_retries) or (not crashed and isolated):
                 self._fail(piece.request, error)
             else:
                 piece.solo = True
