@@ -194,3 +194,45 @@ def assert_workers_share_the_weights(host: Host, batch: list[str], *, threads: i
             assert breakdown.get(kind, {}).get("private_dirty", 0) == 0, (kind, breakdown)
         assert worker["uss"] < 0.25 * status["weight_bytes"], (worker, breakdown)
     return status
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``shm-model api`` in a subprocess on a free port; yields its URL once it is ready, ends it after."""
+    import httpx
+
+    port = free_port()
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shm_model", "api", "--port", str(port), "--log-level", "warning"],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"the API server exited: {log_path.read_text()}")
+            try:
+                return httpx.get(url + "/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        poll(ready, 60, interval=0.1, what="the API server")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from shm_model import errors
 from shm_model.client import HostClient
 from shm_model.manager import ModelManager
 from tablerag import samples
-from tests.conftest import ROOT, Host, base_env, poll
+from tests.conftest import ROOT, Host, api_server, base_env, poll
 
 
 @pytest.fixture(scope="module")
@@ -242,44 +241,11 @@ def test_document_upload_runs_an_ingestion_job(app_for, bundled_host: Host, tmp_
 # --- a real server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(bundled_host: Host, store_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("uvicorn") / "api.log"
     env = base_env(SHM_MODEL_MODE="shared", SHM_MODEL_SOCKET=bundled_host.socket, RAG_DB=store_path)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shm_model", "api", "--port", str(port)],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"the API server exited: {log.read_text()}")
-            try:
-                return httpx.get(url + "/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        poll(ready, 60, interval=0.1, what="the API server")
+    with api_server(env, tmp_path_factory.mktemp("uvicorn") / "api.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_the_openai_client_over_http(server: str, bundled_host: Host) -> None:

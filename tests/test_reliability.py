@@ -26,7 +26,7 @@ from shm_model.client import HostClient
 from shm_model.errors import ShmModelError
 from shm_model.protocol import MAGIC, PREFIX
 from tablerag import samples
-from tests.conftest import ROOT, Host, base_env, pid_alive, poll
+from tests.conftest import ROOT, Host, api_server, base_env, pid_alive, poll
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -325,27 +325,8 @@ def test_ingestion_killed_midway_leaves_a_consistent_store_and_resumes(bundled_h
 def test_http_load_has_no_errors_but_explicit_429(bundled_host: Host, tmp_path: Path) -> None:
     import httpx
 
-    from tests.test_api import free_port
-
-    port = free_port()
     env = base_env(SHM_MODEL_MODE="shared", SHM_MODEL_SOCKET=bundled_host.socket, RAG_DB=str(tmp_path / "r.db"))
-    with open(tmp_path / "api.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shm_model", "api", "--port", str(port), "--log-level", "warning"],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"the API server exited: {(tmp_path / 'api.log').read_text()}")
-            try:
-                return httpx.get(url + "/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        poll(up, 60, interval=0.1, what="the API server")
+    with api_server(env, tmp_path / "api.log") as url:
         statuses: dict[int, int] = {}
         latencies: list[float] = []
         lock = threading.Lock()
@@ -373,9 +354,6 @@ def test_http_load_has_no_errors_but_explicit_429(bundled_host: Host, tmp_path: 
             f"p50 {percentile(latencies, 50) * 1000:.0f} ms, p99 {percentile(latencies, 99) * 1000:.0f} ms"
         )
         assert total > 100 and set(statuses) <= {200, 429}
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 # --- no unpickling anywhere ----------------------------------------------------------------------------
