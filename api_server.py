@@ -50,6 +50,8 @@ log = logging.getLogger("api_server")
 ROOT = Path(__file__).resolve().parent
 MAX_INPUTS = 2048
 READY_TIMEOUT = 2.0
+#: Ingestion jobs remembered for GET /documents/jobs/{id}.
+MAX_JOBS = 1000
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class Jobs:
     def submit(self, files: list[str]) -> Job:
         job = Job(uuid.uuid4().hex[:12], files)
         with self._lock:
+            finished = [j.id for j in self.jobs.values() if j.finished is not None]
+            for old in finished[: max(0, len(self.jobs) - MAX_JOBS + 1)]:
+                del self.jobs[old]  # the oldest finished jobs make room
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"ingest-{job.id}", daemon=True).start()
         return job
@@ -163,12 +168,14 @@ class Jobs:
             job.state = "running"
             env = dict(os.environ, RAG_DB=self.settings.db)
             cmd = [sys.executable, str(ROOT / "rag_with_tables.py"), "ingest", "--events", *job.files]
+            errors_file = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and stall the child
             try:
                 proc = subprocess.Popen(
-                    cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors_file, text=True,
                     stdin=subprocess.DEVNULL,
                 )  # fmt: skip
             except OSError as exc:
+                errors_file.close()
                 job.state, job.message, job.finished = "failed", f"cannot start the ingestion: {exc}", time.time()
                 return
             self._procs.add(proc)
@@ -185,10 +192,12 @@ class Jobs:
                         else:
                             job.done.append(event["path"])
                             job.chunks += int(event.get("chunks", 0))
-                stderr = proc.stderr.read() if proc.stderr else ""
                 code = proc.wait()
+                errors_file.seek(0)
+                stderr = errors_file.read()
             finally:
                 self._procs.discard(proc)
+                errors_file.close()
             job.finished = time.time()
             if code in (0, 1):
                 job.state = "done"
