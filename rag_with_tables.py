@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
 
         from tablerag.samples import write_corpus, write_questions
 
-        for path in write_corpus(Path(args.folder)):
+        try:
+            paths = write_corpus(Path(args.folder))
+        except RuntimeError as exc:  # no Korean font for the PDF
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
             print(path)
         if args.questions:
             write_questions(Path(args.questions))
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, ShmModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each file is its own transaction: what is done stays done
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         store.close()
 

@@ -198,6 +198,17 @@ def contents(store: Store) -> dict[str, Any]:
     return {k: v for k, v in store.stats().items() if k != "bytes"} | {"documents": store.documents()}
 
 
+def test_folders_are_walked_without_hidden_files_even_under_a_hidden_folder(tmp_path: Path) -> None:
+    from tablerag.ingest import discover
+
+    root = tmp_path / ".cache" / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    for name in ("b.txt", "sub/a.md", ".hidden.txt", ".git/x.txt"):
+        (root / name).write_text("x")
+    assert [p.relative_to(root).as_posix() for p in discover([root, root / "b.txt"])] == ["b.txt", "sub/a.md"]
+
+
 def test_reingest_is_idempotent_and_changed_files_are_replaced(make_store, tmp_path: Path, corpus: Path) -> None:
     docs = tmp_path / "docs"
     shutil.copytree(corpus, docs)
