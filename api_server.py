@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from shm_model import errors
@@ -110,6 +110,59 @@ def status_for(exc: errors.ShmModelError) -> int:
         if cls in STATUS:
             return STATUS[cls]
     return 500
+
+
+class BodyLimit:
+    """413 for a body over ``limit`` bytes: at once from Content-Length; a body without one
+    (chunked) is read up to the limit first, then handed on."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        response = error_response(413, "payload_too_large", f"the body is over {self.limit} bytes")
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
 
 
 # --- ingestion jobs ----------------------------------------------------------------------------
@@ -327,12 +380,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         info = model().describe()
         store().check_model(str(info["model"]), int(info["dimension"]))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error_response(413, "payload_too_large", f"the body is over {settings.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(errors.ShmModelError)
     async def shm_error(request: Request, exc: errors.ShmModelError) -> JSONResponse:

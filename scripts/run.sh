@@ -25,9 +25,26 @@ pids+=($!)
 .venv/bin/shm-model api --port "$API_PORT" &
 pids+=($!)
 url="http://127.0.0.1:$API_PORT"
-for _ in $(seq 1 300); do curl -sf "$url/health/ready" >/dev/null && break; sleep 0.2; done
-curl -sf "$url/chat" -H 'content-type: application/json' -d '{"question": "서울특별시 2023년 인구는?"}' \
-  | .venv/bin/python -c "import json, sys; r = json.load(sys.stdin); print(r['answer']); [print(f\"  [{s['n']}] {s['document']} {s['location']}\") for s in r['sources']]"
+.venv/bin/python - "$url" <<'PY'
+import json, sys, time, urllib.request
+
+url = sys.argv[1]
+deadline = time.monotonic() + 120
+while True:
+    try:
+        urllib.request.urlopen(url + "/health/ready", timeout=2)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("the API server did not become ready")
+        time.sleep(0.2)
+question = {"question": "서울특별시 2023년 인구는?"}
+request = urllib.request.Request(url + "/chat", json.dumps(question).encode(), {"content-type": "application/json"})
+answer = json.load(urllib.request.urlopen(request, timeout=60))
+print(f"Q: {question['question']}\nA: {answer['answer']}")
+for source in answer["sources"]:
+    print(f"  [{source['n']}] {source['document']} {source['location']}")
+PY
 echo
 echo "chat page: $url/   API docs: $url/docs   OpenAI-compatible embeddings: $url/v1/embeddings"
 echo "host socket: $SHM_MODEL_SOCKET   store: $RAG_DB"

@@ -175,6 +175,19 @@ def test_bad_input_is_422_and_large_bodies_413(app_for, bundled_host: Host, stor
         assert words in response.json()["error"]["message"], response.json()
     big = api.post("/v1/embeddings", json={"input": ["가" * 20_000]})
     assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit applies while reading
+        yield b'{"input": ["'
+        for _ in range(100):
+            yield "가".encode() * 100
+        yield b'"]}'
+
+    streamed = api.post("/v1/embeddings", content=chunked(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+    small = api.post(
+        "/v1/embeddings", content=iter([b'{"input": ', b'"ok"}']), headers={"content-type": "application/json"}
+    )
+    assert small.status_code == 200 and len(small.json()["data"]) == 1
     assert api.post("/chat", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
 
 
