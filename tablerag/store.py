@@ -165,23 +165,28 @@ class Store:
         return int(self._meta("generation") or 0)
 
     def model(self) -> tuple[str, int] | None:
-        name, dim = self._meta("model"), self._meta("dimension")
-        return None if name is None or dim is None else (name, int(dim))
+        rows = dict(self._execute("SELECT key, value FROM meta WHERE key IN ('model', 'dimension')").fetchall())
+        name, dim = rows.get("model"), rows.get("dimension")  # one statement: one consistent reading
+        return None if name is None or dim is None else (str(name), int(dim))
 
     def check_model(self, name: str, dimension: int) -> None:
-        """Adopt the model when the store has none; refuse another model's vectors."""
-        with self.transaction():
-            current = self.model()
-            if current is None:
-                self._set_meta("model", name)
-                self._set_meta("dimension", str(dimension))
-                self._on_model(dimension)
-            elif current != (name, dimension):
-                raise ModelMismatch(
-                    f"the store {self.location} holds vectors of model {current[0]!r} (dimension {current[1]}), "
-                    f"but the model now is {name!r} (dimension {dimension}); run "
-                    f"'rag_with_tables.py reindex' to re-embed every chunk with it, or use another --db"
-                )
+        """Adopt the model when the store has none; refuse another model's vectors. Only the
+        adoption takes the write lock: searches call this on every request."""
+        current = self.model()
+        if current is None:
+            with self.transaction():
+                current = self.model()
+                if current is None:
+                    self._set_meta("model", name)
+                    self._set_meta("dimension", str(dimension))
+                    self._on_model(dimension)
+                    return
+        if current != (name, dimension):
+            raise ModelMismatch(
+                f"the store {self.location} holds vectors of model {current[0]!r} (dimension {current[1]}), "
+                f"but the model now is {name!r} (dimension {dimension}); run "
+                f"'rag_with_tables.py reindex' to re-embed every chunk with it, or use another --db"
+            )
 
     # --- documents --------------------------------------------------------------------
 
