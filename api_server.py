@@ -42,7 +42,7 @@ from shm_model import errors
 from shm_model.manager import ModelManager
 from tablerag.chunking import location_label, split_sentences, terms
 from tablerag.documents import SUPPORTED
-from tablerag.retrieval import MODES, Retriever
+from tablerag.retrieval import Mode, Retriever
 from tablerag.store import Hit, ModelMismatch, Store, StoreError, open_store
 
 log = logging.getLogger("api_server")
@@ -78,13 +78,13 @@ class EmbeddingsRequest(BaseModel):
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=4000)
     k: int = Field(default=5, ge=1, le=100)
-    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    mode: Mode = "hybrid"
 
 
 class ChatRequest(BaseModel):
     question: str = Field(min_length=1, max_length=4000)
     k: int = Field(default=5, ge=1, le=20)
-    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    mode: Mode = "hybrid"
     stream: bool = False
 
 
@@ -376,10 +376,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cached = state["retriever"] = Retriever(store(), current)
         return cached
 
-    def check_model() -> None:
-        info = model().describe()
-        store().check_model(str(info["model"]), int(info["dimension"]))
-
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(errors.ShmModelError)
@@ -478,16 +474,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def search(body: SearchRequest) -> dict[str, Any]:
         if not body.query.strip():
             raise errors.BadRequest("query: only whitespace")
-        check_model()
-        hits = retriever().search(body.query, k=body.k, mode=body.mode)
+        finder = retriever()
+        finder.check_model()
+        hits = finder.search(body.query, k=body.k, mode=body.mode)
         return {"query": body.query, "mode": body.mode, "results": [citation(n, h) for n, h in enumerate(hits, 1)]}
 
     @app.post("/chat", response_model=None)
     def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
         if not body.question.strip():
             raise errors.BadRequest("question: only whitespace")
-        check_model()
-        hits = retriever().search(body.question, k=body.k, mode=body.mode)
+        finder = retriever()
+        finder.check_model()
+        hits = finder.search(body.question, k=body.k, mode=body.mode)
         sources = [citation(n, h) for n, h in enumerate(hits, 1)]
         generated = bool(settings.chat_base) and bool(hits)
         if not hits:
@@ -561,24 +559,25 @@ def _safe_name(name: str) -> str:
     return base[:200]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def serve(host: str, port: int, log_level: str) -> int:
+    """Run the app under uvicorn (``shm-model api`` parses the options)."""
     import uvicorn
 
     from shm_model.logs import setup
 
-    parser = argparse.ArgumentParser(prog="shm-model api", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")))
-    parser.add_argument("--log-level", default=os.environ.get("SHM_MODEL_LOG_LEVEL", "info"))
-    args = parser.parse_args(argv)
-    setup(args.log_level, role="api")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    setup(log_level, role="api")
+    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, access_log=False)
     return 0
 
 
-__all__ = ["MODES", "Settings", "create_app", "main"]
+def main(argv: list[str] | None = None) -> int:
+    """``python api_server.py [options]`` is ``shm-model api [options]``."""
+    from shm_model.cli import main as cli
+
+    return cli(["api", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["Settings", "create_app", "main", "serve"]
 
 if __name__ == "__main__":
     sys.exit(main())

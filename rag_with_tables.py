@@ -145,11 +145,11 @@ def _ingest(store: Any, model: Any, args: argparse.Namespace) -> int:
 
 def _query(store: Any, model: Any, args: argparse.Namespace) -> int:
     from tablerag.chunking import location_label
-    from tablerag.ingest import Ingestor
     from tablerag.retrieval import Retriever
 
-    Ingestor(store, model).check_model()
-    hits = Retriever(store, model).search(args.question, k=args.k, mode=args.mode)
+    retriever = Retriever(store, model)
+    retriever.check_model()
+    hits = retriever.search(args.question, k=args.k, mode=args.mode)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
         return 0 if hits else 1
@@ -188,12 +188,12 @@ def _reindex(store: Any, model: Any, args: argparse.Namespace) -> int:
 
 def _evaluate(store: Any, model: Any, args: argparse.Namespace) -> int:
     from tablerag.evaluate import evaluate, load_questions
-    from tablerag.ingest import Ingestor
     from tablerag.retrieval import Retriever
 
-    Ingestor(store, model).check_model()
-    result = evaluate(Retriever(store, model), load_questions(args.questions), k=args.k)
-    result["model"] = store.model()[0] if store.model() else None
+    retriever = Retriever(store, model)
+    retriever.check_model()
+    result = evaluate(retriever, load_questions(args.questions), k=args.k)
+    result["model"] = (store.model() or (None,))[0]
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return 0

@@ -104,7 +104,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace) -> int:
     import api_server
 
-    return api_server.main(["--host", args.host, "--port", str(args.port), "--log-level", args.log_level])
+    return api_server.serve(args.host, args.port, args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:

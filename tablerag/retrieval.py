@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from tablerag.chunking import terms
 from tablerag.store import Hit, Store
 
-MODES = ("hybrid", "dense", "bm25")
+Mode = Literal["hybrid", "dense", "bm25"]
+MODES: tuple[str, ...] = get_args(Mode)
 #: Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60
 
@@ -29,6 +30,11 @@ class Retriever:
         self._query_prompt = prompt_for(model, "query")
         self._lock = threading.Lock()
         self._bm25: tuple[int, Any, list[int]] | None = None  # (generation, index, chunk ids)
+
+    def check_model(self) -> None:
+        """Refuse a store that holds another model's vectors (the model may change between calls)."""
+        info = self.model.describe()
+        self.store.check_model(str(info["model"]), int(info["dimension"]))
 
     def embed_query(self, query: str) -> np.ndarray:
         return np.asarray(self.model.encode(query, normalize_embeddings=True, **self._query_prompt))
