@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from tablerag.chunking import DEFAULT_BUDGET, TokenCounter, chunk_blocks, terms
 from tablerag.documents import ParseError, parse
@@ -98,23 +99,13 @@ class Ingestor:
         files = discover(paths)
         report = IngestReport()
         started = time.perf_counter()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(files), unit="file", desc="ingest")
-        try:
+        with tqdm(total=len(files), unit="file", desc="ingest", disable=not progress) as bar:
             for path in files:
-                if bar is not None:
-                    bar.set_postfix_str(path.name[-40:])
+                bar.set_postfix_str(path.name[-40:])
                 event = self._one(path, report)
                 if on_file is not None:
                     on_file({"event": "file", "path": str(path), **event})
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(1)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -151,16 +142,10 @@ class Ingestor:
             ids.append(cid)
             texts.append(text)
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(texts), unit="chunk", desc="reindex")
-        for start in range(0, len(texts), 256):
-            vectors[start : start + 256] = self.embed(texts[start : start + 256])
-            if bar is not None:
-                bar.update(len(texts[start : start + 256]))
-        if bar is not None:
-            bar.close()
+        with tqdm(total=len(texts), unit="chunk", desc="reindex", disable=not progress) as bar:
+            for start in range(0, len(texts), 256):
+                batch = texts[start : start + 256]
+                vectors[start : start + len(batch)] = self.embed(batch)
+                bar.update(len(batch))
         self.store.replace_vectors(self.model_name, self.dimension, ids, vectors)
         return len(ids)
