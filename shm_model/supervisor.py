@@ -980,7 +980,6 @@ class Supervisor:
         total = {key: own[key] + sum(w.get(key, 0) for w in workers) for key in ("rss", "pss", "uss")}
         return {
             **self.info(),
-            "model_path": self._meta.get("model_path"),
             "load_seconds": self._meta.get("load_seconds"),
             "boot_seconds": {
                 "import": self._meta.get("import_seconds"),

@@ -213,6 +213,14 @@ class Backend:
     def estimate_tokens(self, text: str) -> int:
         return estimate_tokens(text, self.max_seq_length)
 
+    def prepare_worker(self, threads: int) -> None:
+        """Set up a freshly started worker (its intra-op threads)."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
+        """float32 vectors, one row per text."""
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
