@@ -23,6 +23,14 @@ def bench_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def model_location(model: str) -> str:
+    """The folder SentenceTransformer loads for ``model`` (a path, a hub id or an alias)."""
+    from config.model_config import ModelConfig
+    from workers.backends import resolve_model
+
+    return resolve_model(ModelConfig(name=model)).location
+
+
 def spawn(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """Start a process that ``end_all`` (run on exit and on Ctrl-C) will end."""
     proc = subprocess.Popen(list(args), cwd=ROOT, start_new_session=True, **kwargs)

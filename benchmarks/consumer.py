@@ -32,11 +32,10 @@ def _load(model: str, threads: int) -> Any:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from config.model_config import ModelConfig
-    from workers.backends import resolve_model
+    from benchmarks.common import model_location
 
     torch.set_num_threads(threads)
-    return SentenceTransformer(resolve_model(ModelConfig(name=model)).location, device="cpu")
+    return SentenceTransformer(model_location(model), device="cpu")
 
 
 def _loop(model: str, threads: int, seconds: float) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import ROOT, bench_env, end, host, progress
+from benchmarks.common import ROOT, bench_env, end, host, model_location, progress
 from shm_model.client import HostClient
-from shm_model.memory import process_memory
+from shm_model.memory import total_memory
 
 
 def model_name(model: str) -> str:
@@ -72,15 +72,6 @@ def _wait_ready(procs: list[subprocess.Popen[str]], timeout: float = 600.0) -> l
     return out
 
 
-def _sum(pids: list[int]) -> dict[str, int]:
-    total = {"rss": 0, "pss": 0, "uss": 0}
-    for pid in pids:
-        figures = process_memory(pid) or {}
-        for key in total:
-            total[key] += figures.get(key, 0)
-    return total
-
-
 def _end(procs: list[subprocess.Popen[str]]) -> None:
     for proc in procs:
         end(proc)
@@ -91,7 +82,7 @@ def run_naive(model: str, n: int, mode: str = "local") -> Result:
     procs = _start_consumers(mode, model, n, bench_env())
     try:
         ready = _wait_ready(procs)
-        total = _sum([p.pid for p in procs])
+        total = total_memory([p.pid for p in procs])
     finally:
         _end(procs)
     name = "naive (one model per process)" if mode == "local" else "naive, copied weights"
@@ -114,8 +105,8 @@ def run_host(model: str, n: int, placement: str, workers: int) -> Result:
             ready = _wait_ready(procs)
             with HostClient(sock) as client:
                 status = client.status()
-            host_total = _sum([status["pid"]] + [w["pid"] for w in status["workers"]])
-            clients_total = _sum([p.pid for p in procs])
+            host_total = total_memory([status["pid"]] + [w["pid"] for w in status["workers"]])
+            clients_total = total_memory([p.pid for p in procs])
         finally:
             _end(procs)
     total = {k: host_total[k] + clients_total[k] for k in host_total}
@@ -135,10 +126,7 @@ def run_host(model: str, n: int, placement: str, workers: int) -> Result:
 
 
 def _weights_bytes(model: str) -> int:
-    from config.model_config import ModelConfig
-    from workers.backends import resolve_model
-
-    root = resolve_model(ModelConfig(name=model)).location
+    root = model_location(model)
     return sum(
         os.path.getsize(os.path.join(d, f))
         for d, _, files in os.walk(root)

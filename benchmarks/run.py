@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import memory
-from benchmarks.common import ROOT, bench_env, end, end_all, host, percentile, progress, spawn
+from benchmarks.common import ROOT, bench_env, end, end_all, host, model_location, percentile, progress, spawn
 from shm_model.client import HostClient
 
 SENTENCES = [
@@ -127,8 +127,8 @@ def _time_process(code: str, env: dict[str, str]) -> float:
 def bench_startup(plan: Plan, model: str) -> dict[str, Any]:
     naive_code = (
         "import torch\nfrom sentence_transformers import SentenceTransformer\n"
-        "from config.model_config import ModelConfig\nfrom workers.backends import resolve_model\n"
-        f"m = SentenceTransformer(resolve_model(ModelConfig(name={model!r})).location, device='cpu')\n"
+        "from benchmarks.common import model_location\n"
+        f"m = SentenceTransformer(model_location({model!r}), device='cpu')\n"
         "m.encode(['첫 번째 문장'])\n"
     )
     client_code = "from shm_model import HostClient\nHostClient().encode(['첫 번째 문장'])\n"
@@ -169,11 +169,8 @@ def bench_overhead(plan: Plan, model: str) -> list[dict[str, Any]]:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from config.model_config import ModelConfig
-    from workers.backends import resolve_model
-
     torch.set_num_threads(_cores())
-    st = SentenceTransformer(resolve_model(ModelConfig(name=model)).location, device="cpu")
+    st = SentenceTransformer(model_location(model), device="cpu")
     rows = []
     # One worker with every core: the same compute as in-process, so the ratio is the host's cost.
     with host(
@@ -298,8 +295,8 @@ def _st_pool(plan: Plan, model: str, count: int) -> dict[str, Any]:
     """sentence-transformers' multi-process pool, used as designed: one caller, one large input."""
     code = (
         "import json, sys, time\nfrom sentence_transformers import SentenceTransformer\n"
-        "from config.model_config import ModelConfig\nfrom workers.backends import resolve_model\n"
-        f"m = SentenceTransformer(resolve_model(ModelConfig(name={model!r})).location, device='cpu')\n"
+        "from benchmarks.common import model_location\n"
+        f"m = SentenceTransformer(model_location({model!r}), device='cpu')\n"
         f"pool = m.start_multi_process_pool(['cpu'] * {_cores()})\n"
         f"texts = [f'문장 {{i}} ' * (1 + i % 4) for i in range({count})]\n"
         "m.encode(texts[:64], pool=pool)\n"
@@ -355,10 +352,7 @@ def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
     problem = install_infinity()
     if problem:
         return {"error": problem}
-    from config.model_config import ModelConfig
-    from workers.backends import resolve_model
-
-    location = resolve_model(ModelConfig(name=model)).location
+    location = model_location(model)
     port = 17997
     proc = spawn(
         [
