@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tablerag.documents import Table
+
 FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/nanum/NanumGothic.ttf",
     "/usr/share/fonts/truetype/nanum/NanumBarunGothic.ttf",
@@ -313,10 +315,7 @@ def _html(folder: Path) -> Path:
 
 
 def _markdown(folder: Path) -> Path:
-    def pipe(row: list[str]) -> str:
-        return "| " + " | ".join(row) + " |"
-
-    table = "\n".join([pipe(PARKING[0]), "|" + "---|" * len(PARKING[0])] + [pipe(r) for r in PARKING[1:]])
+    table = Table(PARKING[0], PARKING[1:]).markdown()
     text = f"""# 공영주차장 요금 안내
 
 시에서 운영하는 공영주차장의 요금과 감면 기준을 안내합니다. 운영 시간은 매일 오전 7시부터 오후 11시까지이며, 운영 시간 외에는 무료입니다.
