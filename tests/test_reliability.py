@@ -22,16 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.common import percentile
 from shm_model.client import HostClient
 from shm_model.errors import ShmModelError
 from shm_model.protocol import MAGIC, PREFIX
 from tablerag import samples
 from tests.conftest import ROOT, Host, api_server, base_env, pid_alive, poll
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q)) if values else 0.0
-
 
 # --- chaos ------------------------------------------------------------------------------------
 
