@@ -76,6 +76,16 @@ def _seconds(env: str, raw: str) -> float:
     return value
 
 
+def _fraction(env: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: a number between 0 and 1 (exclusive)")
+    return value
+
+
 def _bool(env: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -143,7 +153,8 @@ SETTINGS: tuple[Setting, ...] = (
         "SHM_MODEL_THREADS_PER_WORKER",
         "threads_per_worker",
         "auto",
-        "torch threads per worker; auto = cores // workers (at least 1)",
+        "torch threads per worker; auto = each batch gets the cores that no busy worker holds "
+        "(a lone request uses every core, a full host one core per worker)",
         _int(1, auto=True),
     ),
     Setting(
@@ -176,6 +187,21 @@ SETTINGS: tuple[Setting, ...] = (
         "16384",
         "most padded tokens (sentences x longest, estimated) in one batch",
         _int(1),
+    ),
+    Setting(
+        "SHM_MODEL_BULK_BATCH_MS",
+        "bulk_batch_ms",
+        "250",
+        "time budget of one batch of bulk requests, in milliseconds (learned from measured batch "
+        "times): an interactive request waits at most about this long behind bulk work",
+        _int(1),
+    ),
+    Setting(
+        "SHM_MODEL_BULK_SHARE",
+        "bulk_share",
+        "0.2",
+        "share of the workers' time that bulk requests keep while interactive requests are backlogged",
+        _fraction,
     ),
     Setting(
         "SHM_MODEL_WEIGHTS",
@@ -310,6 +336,8 @@ class HostConfig:
     max_request_timeout: float = 300.0
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
+    bulk_batch_ms: int = 250
+    bulk_share: float = 0.2
     weights: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024
     allowed_uids: tuple[int, ...] = ()
@@ -341,8 +369,9 @@ class HostConfig:
             return 1
         return self.workers or min(2, os.cpu_count() or 1)
 
-    def threads_for(self, workers: int) -> int:
-        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    def threads_for(self, workers: int, cores: int) -> int:
+        """Threads of a worker when they are fixed (or of a busy host's worker, when on auto)."""
+        return self.threads_per_worker or max(1, cores // workers)
 
     def resolved_start_method(self, device: str) -> str:
         if self.start_method == "auto":

@@ -18,6 +18,10 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MB"
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 def _serve(args: argparse.Namespace) -> int:
     # Before torch is imported: the supervisor must never start a thread pool that a
     # fork would break (workers set their own thread count after fork).
@@ -52,7 +56,7 @@ def _status(args: argparse.Namespace) -> int:
     )
     print(
         f"supervisor   pid {status['pid']}, up {status['uptime_s']:.0f}s, generation {status['generation']}, "
-        f"{status['start_method']} workers x {status['threads_per_worker']} threads"
+        f"{status['start_method']} workers x {status['threads_per_worker']} threads ({status.get('cores')} cores)"
     )
     print(
         f"weights      {_mb(status.get('weight_bytes'))}, placement {status['weight_placement']} "
@@ -61,6 +65,14 @@ def _status(args: argparse.Namespace) -> int:
     print(
         f"queue        {status['in_flight']} in flight / {status['queue_size']}, {status['queue_depth']} pieces waiting"
     )
+    for priority, q in (status.get("queue") or {}).items():
+        if not isinstance(q, dict) or "wait_ms" not in q:
+            continue
+        wait = q["wait_ms"]
+        print(
+            f"  {priority:<11}{q['requests']} requests ({q['texts']} texts) waiting; served {q['served_requests']} "
+            f"requests in {q['batches']} batches; wait p50 {_ms(wait['p50'])} p99 {_ms(wait['p99'])}"
+        )
     print(f"memory       RSS {_mb(mem['rss'])}  PSS {_mb(mem['pss'])}  USS {_mb(mem['uss'])} (host process tree)")
     print(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>9} {'batches':>8} {'RSS':>10} {'PSS':>10} {'USS':>10}")
     for w in status["workers"]:

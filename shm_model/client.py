@@ -28,8 +28,10 @@ from shm_model.errors import (
     RequestTimeout,
 )
 from shm_model.protocol import (
+    PRIORITIES,
     ConnectionClosed,
     Frame,
+    default_priority,
     pack,
     raise_for_reply,
     recv_frame,
@@ -227,6 +229,7 @@ class HostClient:
         prompt_name: str | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: str | None = None,
     ) -> Any:
         """Embed ``sentences`` like ``SentenceTransformer.encode``.
 
@@ -235,6 +238,10 @@ class HostClient:
         its own batches across all clients. A long input goes as several requests: an explicit
         ``timeout`` bounds the whole call; without one, each request gets the client's default
         timeout, so a large corpus is not cut off by a limit meant for one request.
+
+        ``priority`` is ``interactive`` (served first: a query) or ``bulk`` (an ingestion; it keeps a
+        share of the host but waits behind queries); by default a call of at most
+        ``INTERACTIVE_MAX_TEXTS`` texts is interactive and a larger one bulk.
         """
         if output_value != "sentence_embedding" or precision != "float32":
             raise BadRequest("the host returns float32 sentence embeddings only")
@@ -249,8 +256,10 @@ class HostClient:
             texts = validate_texts(list(sentences), limit=None)  # sent in chunks below the host's limit
         if timeout is not None and not timeout > 0:
             raise BadRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        if priority is not None and priority not in PRIORITIES:
+            raise BadRequest(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = {"priority": priority or default_priority(len(texts))}
         if prompt is not None:
             fields["prompt"] = prompt
         elif prompt_name is not None:

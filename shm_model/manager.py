@@ -39,6 +39,7 @@ from shm_model.memory import process_memory
 log = logging.getLogger(__name__)
 
 HOST_PROBE_TIMEOUT = 2.0
+QUANTILES = {"p50": "0.5", "p99": "0.99"}
 
 
 @dataclass
@@ -268,6 +269,7 @@ class ModelManager:
         if op != "encode":
             return backend.dimension
         kwargs.pop("timeout", None)
+        kwargs.pop("priority", None)  # one process, one model: nothing to order
         sentences = args[0] if args else kwargs.pop("sentences")
         if (
             isinstance(sentences, list | tuple)
@@ -402,6 +404,15 @@ class ModelManager:
             metrics.MEMORY_BYTES.labels(scope="host", kind=kind).set(memory.get(kind, 0))
         metrics.HOST_WORKERS.set(len(host.get("workers") or ()))
         metrics.HOST_QUEUE_DEPTH.set(host.get("in_flight", 0))
+        for priority, queue in (host.get("queue") or {}).items():
+            if isinstance(queue, dict) and "wait_ms" in queue:
+                metrics.HOST_QUEUE_WAITING.labels(priority=priority).set(queue["requests"])
+                for quantile in ("p50", "p99"):
+                    value = queue["wait_ms"][quantile]
+                    if value is not None:
+                        metrics.HOST_QUEUE_WAIT_SECONDS.labels(priority=priority, quantile=QUANTILES[quantile]).set(
+                            value / 1000.0
+                        )
         metrics.LOAD_SECONDS.labels(path="shared").set(host.get("load_seconds") or 0.0)
         return ModelStatus(
             is_loaded=True,

@@ -20,6 +20,18 @@ MEMORY_BYTES = Gauge(
 )
 HOST_WORKERS = Gauge("shm_model_host_workers", "Workers of the host", registry=REGISTRY)
 HOST_QUEUE_DEPTH = Gauge("shm_model_host_queue_depth", "Requests in flight at the host", registry=REGISTRY)
+HOST_QUEUE_WAITING = Gauge(
+    "shm_model_host_queue_waiting",
+    "Requests waiting for a worker at the host, by priority class",
+    ["priority"],
+    registry=REGISTRY,
+)
+HOST_QUEUE_WAIT_SECONDS = Gauge(
+    "shm_model_host_queue_wait_seconds",
+    "Time the host's recent requests waited for a worker, by priority class and quantile (0.5, 0.99)",
+    ["priority", "quantile"],
+    registry=REGISTRY,
+)
 REQUESTS = Counter(
     "shm_model_requests_total",
     "Model operations, by op and path (shared or local)",

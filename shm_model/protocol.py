@@ -35,6 +35,11 @@ MAX_ID_LENGTH = 128
 #: Texts in one encode request; clients split longer inputs (the Python client sends 1,024).
 MAX_TEXTS_PER_REQUEST = 16384
 
+#: Priority classes of encode requests, most urgent first (``priority`` in the header).
+PRIORITIES = ("interactive", "bulk")
+#: Without a ``priority``, a request of at most this many texts is interactive, a larger one bulk.
+INTERACTIVE_MAX_TEXTS = 16
+
 #: Operations a client may ask of the host.
 OPS = ("encode", "info", "status", "ping", "reload", "stop")
 
@@ -227,6 +232,21 @@ def request_timeout(header: dict[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise BadRequest(f"'timeout_ms' must be a positive number, got {value!r:.64}")
     return float(value) / 1000.0
+
+
+def default_priority(count: int) -> str:
+    """The class of a request that names none: a few texts are a query, many are bulk work."""
+    return "interactive" if count <= INTERACTIVE_MAX_TEXTS else "bulk"
+
+
+def request_priority(header: dict[str, Any], count: int) -> str:
+    """The request's priority class; by its size when it names none."""
+    value = header.get("priority")
+    if value is None:
+        return default_priority(count)
+    if value not in PRIORITIES:
+        raise BadRequest(f"'priority' must be one of {', '.join(PRIORITIES)}, not {str(value)[:64]!r}")
+    return value
 
 
 def optional_str(header: dict[str, Any], key: str) -> str | None:

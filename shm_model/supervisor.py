@@ -65,13 +65,15 @@ from shm_model.protocol import (
     read_frame,
     request_id,
     request_op,
+    request_priority,
     request_timeout,
     result_reply,
     validate_texts,
     vectors_from_frame,
     vectors_reply,
 )
-from workers.backends import Backend, estimate_tokens, load_backend
+from shm_model.scheduling import PRIORITIES, BatchLimits, Piece, Request, Scheduler, share_cores, split
+from workers.backends import Backend, load_backend
 from workers.worker import WORKER_BOOT_ERROR, Worker, channel_frame_limit, run_forked
 
 log = logging.getLogger(__name__)
@@ -91,38 +93,13 @@ def single_threaded() -> None:
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+    # A worker's intra-op threads sleep at a barrier instead of spinning: when another process
+    # holds a core, spinning threads wait for a descheduled one and a 2-thread batch took up to
+    # 15x longer than on one thread; sleeping keeps it within a few percent of one thread.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-
-
-@dataclass(eq=False)
-class Request:
-    id: Any
-    conn: Connection
-    texts: list[str]
-    prompt: str | None
-    timeout: float
-    deadline: float  # loop time
-    result: np.ndarray
-    remaining: int = 0
-    done: bool = False
-    timer: asyncio.TimerHandle | None = None
-
-
-@dataclass(eq=False)
-class Piece:
-    request: Request
-    start: int
-    stop: int
-    tokens: int  # estimated tokens of the longest text
-    nbytes: int
-    failures: int = 0
-    solo: bool = False
-
-    @property
-    def count(self) -> int:
-        return self.stop - self.start
 
 
 @dataclass(eq=False)
@@ -134,6 +111,7 @@ class WorkerHandle:
     started: float
     state: str = "starting"  # starting | idle | busy | retiring | dead
     batch: list[Piece] | None = None
+    threads: int = 0  # intra-op threads of the batch it runs
     watchdog: asyncio.TimerHandle | None = None
     aborted: bool = False
     requests_served: int = 0
@@ -146,7 +124,9 @@ class WorkerHandle:
 class Connection:
     writer: asyncio.StreamWriter
     uid: int
+    pid: int = 0
     closed: bool = False
+    requests: set[Request] = field(default_factory=set)  # admitted and not yet answered
 
     def send(self, data: bytes) -> None:
         if self.closed or self.writer.is_closing():
@@ -181,7 +161,17 @@ class Supervisor:
         self._threads = 1
         self._generation = 0
         self._workers: dict[int, WorkerHandle] = {}
-        self._queue: collections.deque[Piece] = collections.deque()
+        self._cores = _cores()
+        self._scheduler = Scheduler(
+            BatchLimits(
+                max_texts=host_cfg.max_batch_size,
+                max_tokens=host_cfg.max_batch_tokens,
+                max_bytes=host_cfg.max_frame_bytes,
+            ),
+            bulk_share=host_cfg.bulk_share,
+            bulk_batch_seconds=host_cfg.bulk_batch_ms / 1000.0,
+            on_expired=self._expire,
+        )
         self._requests: set[Request] = set()
         self._connections: set[Connection] = set()
         self._batch_ids = itertools.count(1)
@@ -215,13 +205,13 @@ class Supervisor:
             self._device = self._resolve_device()
             self._start_method = self.cfg.resolved_start_method(self._device)
             self._worker_count = self.cfg.worker_count(self._device)
-            self._threads = self.cfg.threads_for(self._worker_count)
-            if self._worker_count * self._threads > (os.cpu_count() or 1):
+            self._threads = self.cfg.threads_for(self._worker_count, self._cores)
+            if self._worker_count * self._threads > self._cores:
                 log.warning(
                     "%d workers x %d threads exceeds %d cores; expect contention",
                     self._worker_count,
                     self._threads,
-                    os.cpu_count(),
+                    self._cores,
                 )
             if self._start_method == "fork":
                 self._backend = self._load()
@@ -273,12 +263,14 @@ class Supervisor:
         self._listen = self._bind()
         self._server = await asyncio.start_unix_server(self._handle_connection, sock=self._listen, limit=1 << 16)
         log.info(
-            "serving %s on %s: %d %s workers x %d threads",
+            "serving %s on %s: %d %s workers, %s",
             self._meta.get("model"),
             self.socket_path,
             self._worker_count,
             self._start_method,
-            self._threads,
+            f"up to {self._cores} threads per batch from {self._cores} cores"
+            if self._dynamic_threads()
+            else f"{self._threads} threads each",
         )
         await self._done.wait()
         return self.exit_code
@@ -498,6 +490,8 @@ class Supervisor:
                     ),
                     crashed=True,
                 )
+            if not self._stopping:
+                self._dispatch()
         if self._stopping or w.generation != self._generation:
             self._notify()
             return
@@ -559,7 +553,7 @@ class Supervisor:
         sock = writer.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         peer_pid, uid, _ = struct.unpack("3i", creds)
-        conn = Connection(writer, uid)
+        conn = Connection(writer, uid, peer_pid)
         if uid != os.getuid() and uid not in self.cfg.allowed_uids:
             log.warning("refused a connection from uid %d (pid %d)", uid, peer_pid)
             self.counters["refused"] += 1
@@ -590,6 +584,7 @@ class Supervisor:
         finally:
             conn.close()
             self._connections.discard(conn)
+            self._abandon(conn)
 
     def _handle_request(self, conn: Connection, frame: Frame) -> None:
         header = frame.header
@@ -629,6 +624,7 @@ class Supervisor:
     def _submit(self, conn: Connection, rid: Any, header: dict[str, Any]) -> None:
         texts = validate_texts(header.get("texts"))
         prompt = self._resolve_prompt(header)
+        priority = request_priority(header, len(texts))
         timeout = min(request_timeout(header) or self.cfg.request_timeout, self.cfg.max_request_timeout)
         dim = int(self._meta["dimension"])
         self.counters["requests"] += 1
@@ -642,69 +638,61 @@ class Supervisor:
                 limit=self.cfg.queue_size,
             )
         loop = asyncio.get_running_loop()
+        now = loop.time()
         req = Request(
             rid,
             conn,
             texts,
             prompt,
+            priority,
+            conn.pid,
             timeout,
-            loop.time() + timeout,
+            now,
+            now + timeout,
             np.empty((len(texts), dim), dtype=np.float32),
         )
-        pieces = self._split(req)
-        req.remaining = len(pieces)
+        req.prepare(int(self._meta.get("max_seq_length") or 512))
+        pieces = split(req, self._scheduler.limits)
         req.timer = loop.call_at(req.deadline, self._expire, req)
         self._requests.add(req)
-        self._queue.extend(pieces)
+        conn.requests.add(req)
+        self._scheduler.push(pieces)
         self._dispatch()
 
-    def _split(self, req: Request) -> list[Piece]:
-        """Cut a request into pieces that each fit a batch on their own."""
-        max_len = int(self._meta.get("max_seq_length") or 512)
-        pieces: list[Piece] = []
-        start = longest = nbytes = 0
-        for i, text in enumerate(req.texts):
-            tokens = estimate_tokens(text, max_len)
-            size = len(text.encode("utf-8"))
-            count = i - start + 1
-            if count > 1 and (
-                count > self.cfg.max_batch_size
-                or count * max(longest, tokens) > self.cfg.max_batch_tokens
-                or nbytes + size > self.cfg.max_frame_bytes
-            ):
-                pieces.append(Piece(req, start, i, longest, nbytes))
-                start, longest, nbytes = i, 0, 0
-            longest = max(longest, tokens)
-            nbytes += size
-        pieces.append(Piece(req, start, len(req.texts), longest, nbytes))
-        return pieces
+    def _abandon(self, conn: Connection) -> None:
+        """Drop the queued work of a client that went away: nobody would read its vectors."""
+        for req in list(conn.requests):
+            if not req.dispatched:
+                self.counters["abandoned"] += 1
+            self._close(req)
 
     def _expire(self, req: Request) -> None:
         if req.done:
             return
         self.counters["timeouts"] += 1
         self._fail(req, RequestTimeout(f"the request timed out after {req.timeout:.3g}s", timeout=req.timeout))
-        if any(p.request is req for p in self._queue):
-            self._queue = collections.deque(p for p in self._queue if p.request is not req)
+
+    def _close(self, req: Request) -> bool:
+        """Mark a request answered; False if it already was."""
+        if req.done:
+            return False
+        req.done = True
+        if req.timer:
+            req.timer.cancel()
+        self._requests.discard(req)
+        req.conn.requests.discard(req)
+        self._scheduler.drop(req)
+        self._notify()
+        return True
 
     def _finish(self, req: Request) -> None:
-        req.done = True
-        if req.timer:
-            req.timer.cancel()
-        self._requests.discard(req)
-        req.conn.send(vectors_reply(req.id, req.result))
-        self._notify()
+        if self._close(req):
+            req.conn.send(vectors_reply(req.id, req.result))
 
     def _fail(self, req: Request, error: ShmModelError) -> None:
-        if req.done:
-            return
-        req.done = True
-        if req.timer:
-            req.timer.cancel()
-        self._requests.discard(req)
-        self.counters[f"errors_{error.code}"] += 1
-        req.conn.send(error_reply(req.id, error))
-        self._notify()
+        if self._close(req):
+            self.counters[f"errors_{error.code}"] += 1
+            req.conn.send(error_reply(req.id, error))
 
     def _notify(self) -> None:
         if self._changed:
@@ -712,47 +700,35 @@ class Supervisor:
 
     # --- batching --------------------------------------------------------------------
 
+    def _dynamic_threads(self) -> bool:
+        """Whether each batch gets the cores that busy workers do not hold (CPU, threads on auto)."""
+        return self._device == "cpu" and self.cfg.threads_per_worker is None
+
     def _dispatch(self) -> None:
-        while self._queue:
-            worker = next(
-                (w for w in self._workers.values() if w.state == "idle" and w.generation == self._generation),
-                None,
-            )
-            if worker is None:
+        """Hand batches to idle workers of the serving generation, while there are cores for them.
+
+        With threads on auto, a batch gets the cores no busy worker holds: all of them for a lone
+        batch; shared out when more batches wait for more idle workers. A batch never starts on
+        cores another batch holds, so threads never outnumber cores.
+        """
+        while self._scheduler.pending():
+            idle = [w for w in self._workers.values() if w.state == "idle" and w.generation == self._generation]
+            if not idle:
                 return
-            pieces = self._take_batch()
+            threads = free = self._threads
+            if self._dynamic_threads():
+                free = self._cores - sum(w.threads for w in self._workers.values() if w.state == "busy")
+                threads = share_cores(free, len(idle), self._scheduler.queued_pieces())
+                if threads < 1:
+                    return  # every core is held: the next batch starts when one is released
+            pieces = self._scheduler.take(asyncio.get_running_loop().time(), threads)
             if not pieces:
                 return
-            worker.state, worker.batch = "busy", pieces
+            if self._dynamic_threads() and not self._scheduler.pending():
+                threads = free  # nothing else waits: this batch gets every free core
+            worker = idle[0]
+            worker.state, worker.batch, worker.threads = "busy", pieces, threads
             self._background(self._run_batch(worker, pieces))
-
-    def _take_batch(self) -> list[Piece]:
-        pieces: list[Piece] = []
-        count = longest = nbytes = 0
-        now = asyncio.get_running_loop().time()
-        while self._queue:
-            piece = self._queue[0]
-            if piece.request.done:
-                self._queue.popleft()
-                continue
-            if piece.request.deadline <= now:
-                self._expire(piece.request)  # also drops its queued pieces
-                continue
-            if pieces:
-                if piece.solo or pieces[0].solo or piece.request.prompt != pieces[0].request.prompt:
-                    break
-                new_longest = max(longest, piece.tokens)
-                if (
-                    count + piece.count > self.cfg.max_batch_size
-                    or (count + piece.count) * new_longest > self.cfg.max_batch_tokens
-                    or nbytes + piece.nbytes > self.cfg.max_frame_bytes
-                ):
-                    break
-            pieces.append(self._queue.popleft())
-            count += piece.count
-            longest = max(longest, piece.tokens)
-            nbytes += piece.nbytes
-        return pieces
 
     async def _run_batch(self, w: WorkerHandle, pieces: list[Piece]) -> None:
         """Send one batch to a worker marked busy with it, and deliver what comes back."""
@@ -767,11 +743,23 @@ class Supervisor:
     async def _exchange(self, w: WorkerHandle, pieces: list[Piece]) -> None:
         loop = asyncio.get_running_loop()
         batch_id = next(self._batch_ids)
-        texts = [t for p in pieces for t in p.request.texts[p.start : p.stop]]
+        texts = [t for p in pieces for t in p.texts]
+        padded = len(texts) * max(p.longest for p in pieces)
         deadline = max(p.request.deadline for p in pieces)
         w.watchdog = loop.call_at(deadline + self.cfg.worker_grace, self._abort, w)
+        started = loop.time()
         try:
-            w.writer.write(pack({"op": "encode", "id": batch_id, "texts": texts, "prompt": pieces[0].request.prompt}))
+            w.writer.write(
+                pack(
+                    {
+                        "op": "encode",
+                        "id": batch_id,
+                        "texts": texts,
+                        "prompt": pieces[0].request.prompt,
+                        "threads": w.threads,
+                    }
+                )
+            )
             await w.writer.drain()
             frame = await read_frame(w.reader, channel_frame_limit(self.cfg.max_frame_bytes))
         except (ConnectionClosed, ConnectionError, OSError, ShmModelError):
@@ -796,6 +784,7 @@ class Supervisor:
             except ProtocolError as exc:
                 self._batch_failed(pieces, InternalError(str(exc)), crashed=False)
             else:
+                self._scheduler.observe(w.threads, padded, loop.time() - started)
                 self._deliver(w, pieces, vectors)
         else:
             self._batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
@@ -803,6 +792,7 @@ class Supervisor:
             w.state = "idle"
             if w.generation != self._generation:
                 self._retire(w)
+        w.threads = 0
         self._dispatch()
 
     def _deliver(self, w: WorkerHandle, pieces: list[Piece], vectors: np.ndarray) -> None:
@@ -816,7 +806,7 @@ class Supervisor:
             if rows.shape[1] != req.result.shape[1]:
                 self._fail(req, HostUnavailable("the model changed while the request waited; retry it"))
                 continue
-            req.result[piece.start : piece.stop] = rows
+            req.result[piece.indices] = rows
             req.remaining -= 1
             if req.remaining == 0:
                 w.requests_served += 1
@@ -836,7 +826,7 @@ class Supervisor:
             else:
                 piece.solo = True
                 retry.append(piece)
-        self._queue.extendleft(reversed(retry))
+        self._scheduler.push([p for p in retry if not p.request.done], front=True)
 
     # --- reload and stop --------------------------------------------------------------
 
@@ -972,6 +962,7 @@ class Supervisor:
                     "requests_served": w.requests_served,
                     "batches": w.batches,
                     "texts": w.texts,
+                    "threads": w.threads,
                     "uptime_s": round(time.time() - w.started, 3),
                     **figures,
                 }
@@ -992,10 +983,12 @@ class Supervisor:
             "weight_placement": self.cfg.weights,
             "weights": self._meta.get("weights"),
             "start_method": self._start_method,
-            "threads_per_worker": self._threads,
+            "threads_per_worker": "auto" if self._dynamic_threads() else self._threads,
+            "cores": self._cores,
             "socket": self.socket_path,
             "uptime_s": round(time.time() - self.started, 3),
-            "queue_depth": sum(1 for p in self._queue if not p.request.done),
+            "queue_depth": self._scheduler.queued_pieces(),
+            "queue": self._queue_report(),
             "in_flight": len(self._requests),
             "queue_size": self.cfg.queue_size,
             "stopping": self._stopping,
@@ -1004,6 +997,41 @@ class Supervisor:
             "memory": total,
             "counters": dict(self.counters),
         }
+
+    def _queue_report(self) -> dict[str, Any]:
+        """Per priority class: what waits now, and how long admitted requests waited for a worker."""
+        scheduler = self._scheduler
+        depth = scheduler.depth()
+        report: dict[str, Any] = {}
+        for priority in PRIORITIES:
+            stats = scheduler.stats[priority]
+            waits = np.asarray(stats.waits, dtype=np.float64) * 1000.0
+            report[priority] = {
+                **depth[priority],
+                "served_requests": stats.requests,
+                "batches": stats.batches,
+                "texts_served": stats.texts,
+                "tokens_served": stats.tokens,
+                "wait_ms": {
+                    "p50": round(float(np.percentile(waits, 50)), 3) if waits.size else None,
+                    "p99": round(float(np.percentile(waits, 99)), 3) if waits.size else None,
+                    "max": round(float(waits.max()), 3) if waits.size else None,
+                    "samples": int(waits.size),
+                },
+            }
+        report["bulk_batch_ms"] = self.cfg.bulk_batch_ms
+        report["ms_per_1k_padded_tokens"] = {
+            str(threads): round(rate * 1e6, 3) for threads, rate in sorted(scheduler.rates.items())
+        }
+        return report
+
+
+def _cores() -> int:
+    """Cores this process may run on (its CPU affinity), not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _describe_exit(code: int) -> str:

@@ -84,7 +84,9 @@ class Ingestor:
         if not texts:
             return np.empty((0, self.dimension), dtype=np.float32)
         return np.asarray(
-            self.model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True, **self._passage_prompt),
+            self.model.encode(
+                texts, batch_size=ENCODE_BATCH, normalize_embeddings=True, priority="bulk", **self._passage_prompt
+            ),
             dtype=np.float32,
         )
 

@@ -75,7 +75,7 @@ def test_workers_times_threads_fit_the_cores() -> None:
 
     cfg = HostConfig.load({})
     workers = cfg.worker_count("cpu")
-    assert workers * cfg.threads_for(workers) <= (os.cpu_count() or 1)
+    assert workers * cfg.threads_for(workers, os.cpu_count() or 1) <= (os.cpu_count() or 1)
     assert cfg.worker_count("cuda") == 1
     assert cfg.resolved_start_method("cuda") == "spawn" and cfg.resolved_start_method("cpu") == "fork"
 

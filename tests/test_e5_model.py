@@ -72,6 +72,7 @@ class LocalEncoder:
         }
 
     def encode(self, sentences, **kwargs):
+        kwargs.pop("priority", None)  # the host's scheduling option
         return self.model.encode(sentences, **kwargs)
 
 

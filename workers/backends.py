@@ -1,8 +1,8 @@
 """Encoder backends: the SentenceTransformer one and a model-free dummy.
 
 A backend is built in the supervisor before fork (or in a spawned worker), and
-``encode`` runs in the workers. The supervisor only reads its metadata and calls
-``estimate_tokens``, which must stay cheap and must not start any thread pool.
+``encode`` runs in the workers. The supervisor only reads its metadata; it must never
+start a thread pool.
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ from shm_model.errors import BadRequest, ConfigError, ModelLoadError
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def estimate_tokens(text: str, max_seq_length: int) -> int:
-    """Cheap upper-leaning token estimate (about 3 UTF-8 bytes a token), capped by truncation."""
-    return min(max_seq_length, 2 + len(text.encode("utf-8", "surrogatepass")) // 3)
 
 
 # --- model resolution ----------------------------------------------------------------
@@ -210,12 +205,13 @@ class Backend:
         self.prompts: dict[str, str] = {}
         self.placement: dict[str, int] = {}
 
-    def estimate_tokens(self, text: str) -> int:
-        return estimate_tokens(text, self.max_seq_length)
-
     def prepare_worker(self, threads: int) -> None:
         """Set up a freshly started worker (its intra-op threads)."""
         raise NotImplementedError
+
+    def set_threads(self, threads: int) -> None:
+        """Use this many intra-op threads from the next batch on (the supervisor decides per batch)."""
+        return None
 
     def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
         """float32 vectors, one row per text."""
@@ -281,6 +277,9 @@ class SentenceTransformerBackend(Backend):
     def prepare_worker(self, threads: int) -> None:
         self._torch.set_num_threads(threads)
 
+    def set_threads(self, threads: int) -> None:
+        self._torch.set_num_threads(threads)
+
     def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
         with self._torch.inference_mode():
             vectors = self.model.encode(
@@ -298,7 +297,8 @@ class DummyBackend(Backend):
     """Deterministic hash vectors with no model: fast tests and transport benchmarks.
 
     Texts that start with these markers inject faults, for the reliability tests:
-    ``__sleep__:SECONDS`` sleeps, ``__crash__`` kills the worker, ``__error__`` raises.
+    ``__sleep__:SECONDS`` sleeps, ``__crash__`` kills the worker, ``__error__`` raises;
+    ``__threads__`` gets a vector filled with the intra-op threads its batch was given.
     """
 
     def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig, *, dimension: int = 32) -> None:
@@ -308,9 +308,13 @@ class DummyBackend(Backend):
         self.max_seq_length = 128
         self.device = "cpu"
         self.prompts = {"query": "query: ", "passage": "passage: "}
+        self.threads = 1
 
     def prepare_worker(self, threads: int) -> None:
-        return None
+        self.threads = threads
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
 
     @staticmethod
     def vector(text: str, dimension: int = 32) -> np.ndarray:
@@ -330,7 +334,7 @@ class DummyBackend(Backend):
                 raise BadRequest("the dummy backend was asked to fail")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for i, text in enumerate(texts):
-            out[i] = self.vector((prompt or "") + text, self.dimension)
+            out[i] = self.threads if text == "__threads__" else self.vector((prompt or "") + text, self.dimension)
         return out
 
 

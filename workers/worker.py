@@ -124,6 +124,10 @@ class Worker:
             if header.get("op") != "encode":
                 raise InternalError(f"worker got unknown op {header.get('op')!r}; this is a bug")
             texts = header["texts"]
+            threads = header.get("threads")
+            if isinstance(threads, int) and threads > 0 and threads != self.threads:
+                self.backend.set_threads(threads)  # type: ignore[union-attr]
+                self.threads = threads
             vectors = self.backend.encode(texts, header.get("prompt"))  # type: ignore[union-attr]
             return vectors_reply(batch_id, vectors)
         except ShmModelError as exc:

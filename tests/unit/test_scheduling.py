@@ -1,0 +1,229 @@
+"""The scheduler's rules, in process with a fake clock: what goes in a batch, who goes next."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from shm_model.scheduling import FIRST_BULK_TOKENS, BatchLimits, Piece, Request, Scheduler, share_cores, split
+
+LIMITS = BatchLimits(max_texts=32, max_tokens=4096, max_bytes=1 << 20)
+
+
+def request(
+    texts: list[str],
+    *,
+    priority: str = "interactive",
+    client: int = 1,
+    prompt: str | None = None,
+    arrived: float = 0.0,
+    timeout: float = 1e9,
+) -> Request:
+    req = Request(
+        id=0,
+        conn=None,
+        texts=texts,
+        prompt=prompt,
+        priority=priority,
+        client=client,
+        timeout=timeout,
+        arrived=arrived,
+        deadline=arrived + timeout,
+        result=np.zeros((len(texts), 1), dtype=np.float32),
+    )
+    req.prepare(128)
+    return req
+
+
+def submit(s: Scheduler, req: Request) -> list[Piece]:
+    pieces = split(req, s.limits)
+    s.push(pieces)
+    return pieces
+
+
+def padded(batch: list[Piece]) -> int:
+    return sum(p.count for p in batch) * max(p.longest for p in batch)
+
+
+def test_split_respects_every_limit_and_covers_each_text_once() -> None:
+    texts = [("가" * (i % 50)) + str(i) for i in range(300)]
+    req = request(texts)
+    pieces = split(req, BatchLimits(max_texts=16, max_tokens=600, max_bytes=900))
+    covered = np.concatenate([p.indices for p in pieces])
+    assert sorted(covered.tolist()) == list(range(300))
+    assert req.remaining == len(pieces)
+    for p in pieces:
+        assert p.count <= 16
+        assert p.count == 1 or p.count * p.longest <= 600
+        assert p.count == 1 or p.nbytes <= 900
+        assert p.longest == max(req.tokens[p.start : p.stop])  # longest first
+
+
+def test_padded_token_cap_bounds_every_batch() -> None:
+    s = Scheduler(BatchLimits(max_texts=32, max_tokens=200, max_bytes=1 << 20))
+    for client in range(5):
+        submit(s, request(["x" * 150] * 3, client=client))  # 52 tokens each: 3 fit in 200
+    while s.pending():
+        batch = s.take(0.0)
+        assert padded(batch) <= 200 or sum(p.count for p in batch) == 1
+
+
+def test_interactive_goes_before_bulk_that_was_queued_first() -> None:
+    s = Scheduler(LIMITS)
+    submit(s, request(["bulk text"] * 200, priority="bulk", client=1))
+    submit(s, request(["query"], priority="interactive", client=2))
+    assert s.take(0.0)[0].request.priority == "interactive"
+
+
+def test_batches_never_mix_prompts_and_retried_pieces_go_alone() -> None:
+    s = Scheduler(LIMITS)
+    submit(s, request(["a", "b"], prompt="query: ", client=1))
+    submit(s, request(["c"], prompt="passage: ", client=2))
+    submit(s, request(["d"], prompt="query: ", client=3))
+    prompts = []
+    while s.pending():
+        batch = s.take(0.0)
+        assert len({p.request.prompt for p in batch}) == 1
+        prompts.append(batch[0].request.prompt)
+    assert sorted(prompts) == ["passage: ", "query: "]
+    retry = split(request(["e", "f"]), LIMITS)[0]
+    retry.solo = True
+    submit(s, request(["g"]))
+    s.push([retry], front=True)
+    assert s.take(0.0) == [retry]
+    assert [p.texts for p in s.take(0.0)] == [["g"]]
+
+
+def test_expired_requests_are_handed_back_not_batched() -> None:
+    expired: list[Request] = []
+    s = Scheduler(LIMITS, on_expired=expired.append)
+    late = request(["late"], timeout=1.0)
+    submit(s, late)
+    submit(s, request(["fresh"], arrived=1.5))
+    batch = s.take(2.0)
+    assert [p.texts for p in batch] == [["fresh"]]
+    assert expired == [late]
+
+
+def test_a_dropped_request_leaves_the_queue_and_its_counts() -> None:
+    s = Scheduler(LIMITS)
+    gone = request(["x"] * 100, priority="bulk")
+    submit(s, gone)
+    submit(s, request(["y"] * 3, priority="bulk", client=2))
+    s.drop(gone)
+    assert s.depth()["bulk"] == {"requests": 1, "pieces": 1, "texts": 3}
+    assert [p.request.client for p in s.take(0.0)] == [2]
+    assert not s.pending()
+
+
+def test_bulk_batches_are_cut_to_the_time_budget_learned_from_batch_times() -> None:
+    s = Scheduler(LIMITS, bulk_batch_seconds=0.1)
+    submit(s, request(["가나다라마바사" * 10] * 500, priority="bulk"))  # 72 tokens each
+    first = s.take(0.0)
+    assert padded(first) <= FIRST_BULK_TOKENS
+    s.observe(1, 1000, 0.5)  # 0.5 ms a padded token at one thread
+    batch = s.take(0.0, threads=1)
+    assert padded(batch) <= 200 and sum(p.count for p in batch) == 200 // 72
+    s.observe(2, 1000, 0.25)  # twice as fast at two threads: twice the texts
+    assert sum(p.count for p in s.take(0.0, threads=2)) == 400 // 72
+    # interactive batches are not cut to the bulk budget
+    submit(s, request(["가나다라마바사" * 10] * 20))
+    assert sum(p.count for p in s.take(0.0, threads=1)) == 20
+
+
+def test_clients_of_a_class_take_turns() -> None:
+    s = Scheduler(LIMITS, bulk_batch_seconds=0.1)
+    s.observe(1, 1000, 1.0)  # 100 padded tokens a bulk batch
+    submit(s, request(["a" * 60] * 300, priority="bulk", client=1))  # client 1 queued first, and more
+    submit(s, request(["b" * 60] * 100, priority="bulk", client=2))
+    served: collections.Counter[int] = collections.Counter()
+    for _ in range(40):
+        for piece in s.take(0.0):
+            served[piece.request.client] += piece.count
+    assert served[1] == served[2] > 0
+
+
+def simulate(s: Scheduler, seconds_per_token: float, workers: int, until: float, arrivals: list[Request]) -> dict:
+    """Run workers against the scheduler with a fake clock; return texts served per (class, client)."""
+    clock = 0.0
+    free_at = [0.0] * workers
+    pending = sorted(arrivals, key=lambda r: r.arrived)
+    served: collections.Counter[tuple[str, int]] = collections.Counter()
+    waits: dict[str, list[float]] = collections.defaultdict(list)
+    finished: dict[int, float] = {}
+    while clock < until:
+        while pending and pending[0].arrived <= clock:
+            submit(s, pending.pop(0))
+        w = min(range(workers), key=lambda i: free_at[i])
+        clock = max(clock, free_at[w])
+        while pending and pending[0].arrived <= clock:
+            submit(s, pending.pop(0))
+        batch = s.take(clock)
+        if not batch:
+            clock = pending[0].arrived if pending else until
+            continue
+        seconds = padded(batch) * seconds_per_token
+        s.observe(1, padded(batch), seconds)
+        free_at[w] = clock + seconds
+        for piece in batch:
+            served[(piece.request.priority, piece.request.client)] += piece.count
+            piece.request.remaining -= 1
+            if piece.request.remaining == 0:
+                finished[id(piece.request)] = free_at[w]
+                waits[piece.request.priority].append(free_at[w] - piece.request.arrived)
+    return {"served": served, "latency": waits}
+
+
+def test_backlogged_classes_share_by_weight_and_nobody_starves() -> None:
+    s = Scheduler(LIMITS, bulk_share=0.2, bulk_batch_seconds=0.05)
+    text = "문장 " * 20  # 48 tokens
+    arrivals = [request([text] * 2000, priority="bulk", client=c) for c in (1, 2)]
+    arrivals += [request([text] * 2000, priority="interactive", client=c) for c in (3, 4)]
+    result = simulate(s, 1e-4, workers=2, until=4.0, arrivals=arrivals)  # all of it would take 19 s
+    served = result["served"]
+    bulk = served[("bulk", 1)] + served[("bulk", 2)]
+    interactive = served[("interactive", 3)] + served[("interactive", 4)]
+    assert bulk / (bulk + interactive) == pytest.approx(0.2, abs=0.05)
+    assert served[("bulk", 1)] == pytest.approx(served[("bulk", 2)], rel=0.1)
+    assert served[("interactive", 3)] == pytest.approx(served[("interactive", 4)], rel=0.1)
+
+
+def test_a_query_waits_at_most_about_one_bulk_batch() -> None:
+    s = Scheduler(LIMITS, bulk_batch_seconds=0.2)
+    text = "문장 " * 20
+    arrivals = [request([text] * 5000, priority="bulk", client=1)]
+    arrivals += [request(["질문"], priority="interactive", client=2, arrived=1.0 + 0.37 * i) for i in range(40)]
+    result = simulate(s, 1e-3, workers=2, until=20.0, arrivals=arrivals)
+    latencies = result["latency"]["interactive"]
+    assert len(latencies) == 40
+    assert max(latencies) <= 0.2 * 1.5 + 0.01  # one bulk batch (learned within its smoothing), then its own
+    alone = 19.0 * 2 / (arrivals[0].tokens[0] * 1e-3)  # texts two workers encode in 19 s of bulk alone
+    assert result["served"][("bulk", 1)] >= 0.85 * alone  # bulk keeps its throughput
+
+
+def test_an_idle_class_gets_no_credit_for_its_idle_time() -> None:
+    s = Scheduler(LIMITS, bulk_share=0.2)
+    for i in range(50):  # interactive alone for a while: its virtual time grows
+        submit(s, request(["q" * 30], client=i))
+        s.take(0.0)
+    submit(s, request(["b" * 30] * 64, priority="bulk", client=99))
+    submit(s, request(["q" * 30] * 64, client=100))
+    first = [s.take(0.0)[0].request.priority for _ in range(4)]
+    assert first.count("interactive") >= 2  # bulk did not bank the time it was not there
+
+
+@pytest.mark.parametrize(
+    ("free", "idle", "waiting", "threads"),
+    [
+        (2, 2, 1, 2),  # a lone request gets every core
+        (2, 2, 5, 1),  # more work than one batch and another idle worker: share the cores
+        (1, 1, 5, 1),  # the other worker holds a core
+        (0, 1, 5, 0),  # every core held: wait, never oversubscribe
+        (8, 2, 9, 4),
+        (8, 3, 2, 2),
+    ],
+)
+def test_cores_are_shared_out_never_oversubscribed(free: int, idle: int, waiting: int, threads: int) -> None:
+    assert share_cores(free, idle, waiting) == threads
