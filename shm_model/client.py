@@ -109,7 +109,9 @@ def check_socket(socket_path: str, trusted: Collection[int]) -> None:
             f"no host is serving {socket_path} ({exc.strerror}); start one with 'shm-model serve'",
             socket=socket_path,
         ) from None
-    except PermissionError as exc:
+    except PermissionDenied:
+        raise
+    except PermissionError as exc:  # a private directory of another user
         raise PermissionDenied(
             f"cannot connect to the host at {socket_path}: {exc.strerror} "
             "(the host runs as another user or its socket is private)",
