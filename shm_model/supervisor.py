@@ -647,7 +647,7 @@ class Supervisor:
                     break
                 except (ProtocolError, PayloadTooLarge, Overloaded) as exc:  # the stream is out of step
                     self.counters[f"errors_{exc.code}"] += 1
-                    conn.drop(exc)
+                    conn.send(error_reply(None, exc))
                     break
                 except BadRequest as exc:  # frame consumed, connection still in step
                     self.counters[f"errors_{exc.code}"] += 1
