@@ -288,6 +288,36 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds a ModelManager caller waits for a local load that another thread started",
         _seconds,
     ),
+    Setting(
+        "SHM_MODEL_TRUSTED_UIDS",
+        "trusted_uids",
+        "",
+        "uids besides the client's own (and root) that may own the socket and serve it; a client refuses "
+        "any other host before sending anything",
+        _uids,
+    ),
+    Setting(
+        "SHM_MODEL_MAX_CONNECTIONS",
+        "max_connections",
+        "256",
+        "client connections the host keeps open at once; a connection beyond it gets 'overloaded' and is closed",
+        _int(1),
+    ),
+    Setting(
+        "SHM_MODEL_MAX_BUFFERED_BYTES",
+        "max_buffered_bytes",
+        "auto",
+        "bytes of request frames above 64 KiB being read at once, across connections; a frame that does not fit "
+        "gets 'overloaded' (auto = 2 x SHM_MODEL_MAX_FRAME_BYTES)",
+        _int(4096, auto=True),
+    ),
+    Setting(
+        "SHM_MODEL_FRAME_TIMEOUT",
+        "frame_timeout",
+        "30",
+        "seconds a client may take to send the rest of a request frame it started; then it is disconnected",
+        _seconds,
+    ),
 )
 
 
@@ -347,12 +377,21 @@ class HostConfig:
     start_method: str = "auto"
     backend: str = "sentence-transformers"
     log_level: str = "info"
+    trusted_uids: tuple[int, ...] = ()
+    max_connections: int = 256
+    max_buffered_bytes: int | None = None
+    frame_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.request_timeout > self.max_request_timeout:
             raise ConfigError(
                 f"SHM_MODEL_REQUEST_TIMEOUT={self.request_timeout} exceeds "
                 f"SHM_MODEL_MAX_REQUEST_TIMEOUT={self.max_request_timeout}"
+            )
+        if self.max_buffered_bytes is not None and self.max_buffered_bytes < self.max_frame_bytes:
+            raise ConfigError(
+                f"SHM_MODEL_MAX_BUFFERED_BYTES={self.max_buffered_bytes} is below "
+                f"SHM_MODEL_MAX_FRAME_BYTES={self.max_frame_bytes}: the largest frame could never be read"
             )
         if not os.path.isabs(self.socket_path):
             object.__setattr__(self, "socket_path", os.path.abspath(self.socket_path))
@@ -377,6 +416,10 @@ class HostConfig:
         if self.start_method == "auto":
             return "spawn" if device.startswith("cuda") else "fork"
         return self.start_method
+
+    def buffered_bytes_limit(self) -> int:
+        """Bytes of large request frames the host reads at once (SHM_MODEL_MAX_BUFFERED_BYTES)."""
+        return self.max_buffered_bytes or 2 * self.max_frame_bytes
 
 
 @dataclass(frozen=True, kw_only=True)

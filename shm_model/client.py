@@ -4,6 +4,12 @@ It imports neither torch nor sentence_transformers (only numpy), so a process th
 uses it starts in milliseconds and holds no copy of the model. It is thread-safe: each
 request borrows a connection from a small pool, and a connection that saw a timeout or
 an error is closed, never reused, so a late reply can never answer another request.
+
+Before it sends anything to a socket, it checks that the socket's directory and the socket
+belong to a trusted uid (this user, root or ``SHM_MODEL_TRUSTED_UIDS``), that the directory
+is not writable by others, and, once connected, that the serving process runs as a trusted
+uid: another local user who got to a shared path first cannot receive its texts or forge
+its vectors.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import contextlib
 import itertools
 import os
 import socket
+import stat
+import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
@@ -48,17 +56,87 @@ MAX_REPLY_BYTES = CHUNK_TEXTS * 65536 * 4 + (1 << 20)
 DEADLINE_SLACK = 0.05
 
 
+def _env_setting(env: str) -> Any:
+    setting = next(s for s in SETTINGS if s.env == env)
+    return setting.parse(setting.env, os.environ.get(setting.env) or setting.default)
+
+
 def _env_timeout() -> float:
-    setting = next(s for s in SETTINGS if s.env == "SHM_MODEL_REQUEST_TIMEOUT")
-    raw = os.environ.get(setting.env)
-    return setting.parse(setting.env, raw) if raw else float(setting.default)
+    return float(_env_setting("SHM_MODEL_REQUEST_TIMEOUT"))
+
+
+def trusted_uid_set(extra: Iterable[int] = ()) -> frozenset[int]:
+    """This user, root, and ``extra`` (``SHM_MODEL_TRUSTED_UIDS``)."""
+    return frozenset((os.getuid(), os.geteuid(), 0, *extra))
+
+
+def _untrusted(what: str, uid: int, trusted: Collection[int], socket_path: str, **details: Any) -> PermissionDenied:
+    others = sorted(set(trusted) - {os.getuid(), os.geteuid(), 0})
+    return PermissionDenied(
+        f"{what} uid {uid}, which is not this user ({os.geteuid()}), root or a trusted uid "
+        f"(SHM_MODEL_TRUSTED_UIDS: {', '.join(map(str, others)) or 'none'}); refusing to use the host at "
+        f"{socket_path}",
+        socket=socket_path,
+        owner=uid,
+        **details,
+    )
+
+
+def check_socket_directory(directory: str, trusted: Collection[int], socket_path: str) -> None:
+    """Raise PermissionDenied unless ``directory`` belongs to a trusted uid and only its owner may write
+    to it (so nobody else can put a socket or a file there); FileNotFoundError when it does not exist."""
+    st = os.stat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionDenied(f"{directory} is not a directory; refusing to use {socket_path}", socket=socket_path)
+    if st.st_uid not in trusted:
+        raise _untrusted(f"socket directory {directory} belongs to", st.st_uid, trusted, socket_path, path=directory)
+    if st.st_mode & 0o022:
+        raise PermissionDenied(
+            f"socket directory {directory} (uid {st.st_uid}) has mode {stat.S_IMODE(st.st_mode):04o}: other "
+            f"users may write to it; refusing to use {socket_path} (the host's socket belongs in a private directory)",
+            socket=socket_path,
+            path=directory,
+            owner=st.st_uid,
+        )
+
+
+def check_socket(socket_path: str, trusted: Collection[int]) -> None:
+    """Raise PermissionDenied unless the socket and its directory belong to trusted uids and the
+    directory is private to its owner; HostUnavailable when there is no socket to check."""
+    try:
+        check_socket_directory(os.path.dirname(socket_path) or ".", trusted, socket_path)
+        st = os.stat(socket_path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise HostUnavailable(
+            f"no host is serving {socket_path} ({exc.strerror}); start one with 'shm-model serve'",
+            socket=socket_path,
+        ) from None
+    except PermissionDenied:
+        raise
+    except PermissionError as exc:  # a private directory of another user
+        raise PermissionDenied(
+            f"cannot connect to the host at {socket_path}: {exc.strerror} "
+            "(the host runs as another user or its socket is private)",
+            socket=socket_path,
+        ) from None
+    if st.st_uid not in trusted:
+        raise _untrusted(f"socket {socket_path} belongs to", st.st_uid, trusted, socket_path, path=socket_path)
+
+
+def check_peer(sock: socket.socket, trusted: Collection[int], socket_path: str) -> None:
+    """Raise PermissionDenied unless the process that listens on ``sock`` runs as a trusted uid."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    if uid not in trusted:
+        raise _untrusted(f"the process serving {socket_path} (pid {pid}) runs as", uid, trusted, socket_path, pid=pid)
 
 
 class HostClient:
     """Encode with the shared model host.
 
     ``socket_path`` defaults to ``SHM_MODEL_SOCKET`` (or its default); ``timeout`` (seconds)
-    to ``SHM_MODEL_REQUEST_TIMEOUT``. Errors are the typed ones of ``shm_model.errors``.
+    to ``SHM_MODEL_REQUEST_TIMEOUT``; ``trusted_uids`` (uids besides this user and root that
+    may serve it) to ``SHM_MODEL_TRUSTED_UIDS``. Errors are the typed ones of ``shm_model.errors``.
     """
 
     def __init__(
@@ -68,11 +146,14 @@ class HostClient:
         timeout: float | None = None,
         pool_size: int = 4,
         connect_timeout: float = 5.0,
+        trusted_uids: Iterable[int] | None = None,
     ) -> None:
         self.socket_path = socket_path or os.environ.get("SHM_MODEL_SOCKET") or default_socket_path()
         self.timeout = timeout if timeout is not None else _env_timeout()
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        extra = _env_setting("SHM_MODEL_TRUSTED_UIDS") if trusted_uids is None else tuple(trusted_uids)
+        self.trusted_uids = trusted_uid_set(extra)
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -81,6 +162,7 @@ class HostClient:
     # --- connections -----------------------------------------------------------------
 
     def _connect(self, deadline: float) -> socket.socket:
+        check_socket(self.socket_path, self.trusted_uids)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(max(0.001, min(self.connect_timeout, deadline - time.monotonic())))
         try:
@@ -103,6 +185,11 @@ class HostClient:
             raise HostUnavailable(
                 f"cannot connect to the host at {self.socket_path}: {exc}", socket=self.socket_path
             ) from None
+        try:
+            check_peer(sock, self.trusted_uids, self.socket_path)  # the path may have changed since it was checked
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def _acquire(self, deadline: float) -> tuple[socket.socket, bool]:

@@ -20,6 +20,7 @@ import fcntl
 import functools
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -32,8 +33,8 @@ import numpy as np
 
 from config.model_config import HostConfig, ManagerConfig, ModelConfig
 from shm_model import metrics
-from shm_model.client import HostClient, wait_for_host
-from shm_model.errors import HostUnavailable, ModelLoadError, RequestTimeout, ShmModelError
+from shm_model.client import HostClient, check_socket_directory, trusted_uid_set, wait_for_host
+from shm_model.errors import HostUnavailable, ModelLoadError, PermissionDenied, RequestTimeout, ShmModelError
 from shm_model.memory import process_memory
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,11 @@ class ModelManager:
         self.model_config = model_config or ModelConfig.load()
         self.config = config or ManagerConfig.load()
         self.host_config = host_config or HostConfig.load()
-        self._client = HostClient(self.host_config.socket_path, timeout=self.host_config.request_timeout)
+        self._client = HostClient(
+            self.host_config.socket_path,
+            timeout=self.host_config.request_timeout,
+            trusted_uids=self.host_config.trusted_uids,
+        )
         self._lock = threading.Lock()
         self._local: Any | None = None  # a workers.backends.SentenceTransformerBackend
         self._load: _Load | None = None
@@ -355,7 +360,9 @@ class ModelManager:
         socket_path = self._client.socket_path
         directory = os.path.dirname(socket_path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(socket_path + ".start", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The host will run as this user: its directory must be this user's alone.
+        check_socket_directory(directory, trusted_uid_set(), socket_path)
+        fd = _open_private(socket_path + ".start", os.O_RDWR)
         try:
             deadline = time.monotonic() + self.config.load_timeout
             while True:
@@ -370,7 +377,7 @@ class ModelManager:
                 return  # another process started it while this one waited
             log_path = os.path.join(directory, "host.log")
             log.info("starting a model host on %s (log: %s)", socket_path, log_path)
-            with open(log_path, "ab") as out:
+            with os.fdopen(_open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as out:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "shm_model", "serve"],
                     stdin=subprocess.DEVNULL,
@@ -453,6 +460,25 @@ class ModelManager:
             device=self.model_config.device,
             error_message=error,
         )
+
+
+def _open_private(path: str, flags: int) -> int:
+    """Open or create a regular file of this user's, mode 0600, refusing a symlink (O_NOFOLLOW) or
+    anything but a regular file in its place."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise PermissionDenied(f"{path} is a symlink; refusing to open it (remove it)", path=path) from None
+        raise HostUnavailable(f"cannot open {path}: {exc.strerror}", path=path) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise PermissionDenied(
+            f"{path} is not a regular file of this user (uid {st.st_uid}); refusing to write to it", path=path
+        )
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _load_local_backend(cfg: ModelConfig) -> Any:

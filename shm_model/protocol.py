@@ -32,6 +32,8 @@ PREFIX = struct.Struct("<4sII")
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 VECTOR_DTYPE = np.dtype("<f4")
 MAX_ID_LENGTH = 128
+#: Integer ids are echoed in replies; they must fit a signed 64-bit integer.
+MAX_INT_ID = 2**63 - 1
 #: Texts in one encode request; clients split longer inputs (the Python client sends 1,024).
 MAX_TEXTS_PER_REQUEST = 16384
 
@@ -87,8 +89,8 @@ def decode_header(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"frame header is not valid UTF-8 (byte {exc.start})") from None
     try:
         header = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise BadRequest(f"frame header is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # ValueError also covers Python's int digit limit
+        raise BadRequest(f"frame header is not valid JSON: {exc!s:.200}") from None
     if not isinstance(header, dict):
         raise BadRequest(f"frame header must be a JSON object, not {type(header).__name__}")
     return header
@@ -117,6 +119,27 @@ def recv_frame(sock: socket.socket, max_frame_bytes: int) -> Frame:
     return Frame(header, payload)
 
 
+async def read_prefix(reader: asyncio.StreamReader, max_frame_bytes: int) -> tuple[int, int]:
+    """Read and validate a frame prefix from an asyncio stream: (header length, payload length)."""
+    try:
+        prefix = await reader.readexactly(PREFIX.size)
+    except asyncio.IncompleteReadError as exc:
+        raise ConnectionClosed(
+            f"connection closed after {len(exc.partial)} prefix bytes", at_boundary=not exc.partial
+        ) from None
+    return unpack_prefix(prefix, max_frame_bytes)
+
+
+async def read_body(reader: asyncio.StreamReader, header_len: int, payload_len: int) -> Frame:
+    """Read the header and payload announced by a validated prefix."""
+    try:
+        raw = await reader.readexactly(header_len)
+        payload = await reader.readexactly(payload_len) if payload_len else b""
+    except asyncio.IncompleteReadError:
+        raise ConnectionClosed("connection closed inside a frame") from None
+    return Frame(decode_header(raw), payload)
+
+
 async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int) -> Frame:
     """Read one frame from an asyncio stream.
 
@@ -124,19 +147,8 @@ async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int) -> Fram
     so the connection stays usable; framing errors raise ``ProtocolError`` or
     ``PayloadTooLarge`` and leave the stream at an unknown position.
     """
-    try:
-        prefix = await reader.readexactly(PREFIX.size)
-    except asyncio.IncompleteReadError as exc:
-        raise ConnectionClosed(
-            f"connection closed after {len(exc.partial)} prefix bytes", at_boundary=not exc.partial
-        ) from None
-    header_len, payload_len = unpack_prefix(prefix, max_frame_bytes)
-    try:
-        raw = await reader.readexactly(header_len)
-        payload = await reader.readexactly(payload_len) if payload_len else b""
-    except asyncio.IncompleteReadError:
-        raise ConnectionClosed("connection closed inside a frame") from None
-    return Frame(decode_header(raw), payload)
+    header_len, payload_len = await read_prefix(reader, max_frame_bytes)
+    return await read_body(reader, header_len, payload_len)
 
 
 # --- replies -------------------------------------------------------------------------
@@ -208,13 +220,30 @@ def validate_texts(value: object, limit: int | None = MAX_TEXTS_PER_REQUEST) -> 
     return list(value)
 
 
+def _valid_id(rid: object) -> bool:
+    if isinstance(rid, bool):
+        return False
+    if isinstance(rid, int):
+        return -MAX_INT_ID <= rid <= MAX_INT_ID
+    return isinstance(rid, str) and len(rid) <= MAX_ID_LENGTH
+
+
 def request_id(header: dict[str, Any]) -> Any:
     rid = header.get("id")
     if rid is None or isinstance(rid, bool):
         raise BadRequest("request header needs an 'id' (integer or string)")
-    if isinstance(rid, int) or (isinstance(rid, str) and len(rid) <= MAX_ID_LENGTH):
+    if _valid_id(rid):
         return rid
-    raise BadRequest(f"request 'id' must be an integer or a string of at most {MAX_ID_LENGTH} characters")
+    raise BadRequest(
+        f"request 'id' must be an integer of magnitude at most 2**63 - 1 or a string of at most "
+        f"{MAX_ID_LENGTH} characters"
+    )
+
+
+def reply_id(header: dict[str, Any]) -> Any:
+    """The id to answer a request with: its own when valid, else None (a connection-level reply)."""
+    rid = header.get("id")
+    return rid if _valid_id(rid) else None
 
 
 def request_op(header: dict[str, Any]) -> str:

@@ -57,17 +57,21 @@ from shm_model.errors import (
 )
 from shm_model.memory import process_memory
 from shm_model.protocol import (
+    PREFIX,
     ConnectionClosed,
     Frame,
     error_reply,
     optional_str,
     pack,
+    read_body,
     read_frame,
+    reply_id,
     request_id,
     request_op,
     request_priority,
     request_timeout,
     result_reply,
+    unpack_prefix,
     validate_texts,
     vectors_from_frame,
     vectors_reply,
@@ -83,6 +87,7 @@ MAX_BOOT_FAILURES = 5
 KILL_AFTER = 1.0  # seconds between SIGABRT and SIGKILL of a stuck worker
 WORKER_STOP_TIMEOUT = 5.0
 MAX_CONNECTION_BUFFER = 64 * 1024 * 1024  # a client that stops reading is disconnected
+SMALL_FRAME_BYTES = 1 << 16  # request frames up to this size are read without a FrameBudget reservation
 
 
 def single_threaded() -> None:
@@ -142,6 +147,44 @@ class Connection:
             self.closed = True
             self.writer.close()
 
+    def drop(self, error: ShmModelError) -> None:
+        """Send a connection-level error and close, without waiting for a client that does not read."""
+        self.send(error_reply(None, error))
+        if not self.closed and self.writer.transport.get_write_buffer_size():
+            self.closed = True
+            self.writer.transport.abort()
+        self.close()
+
+
+class FrameBudget:
+    """Bytes of large request frames being read at once, across all connections.
+
+    A frame's prefix announces its size; a frame over SMALL_FRAME_BYTES reserves that size
+    before its body is read, and a frame that does not fit is refused with ``Overloaded``.
+    So clients that announce large frames and send them slowly, or never finish them, cannot
+    make the supervisor buffer more than ``limit`` bytes (plus SMALL_FRAME_BYTES per connection).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> int:
+        """Reserve room for a frame of ``size`` bytes; returns the bytes to ``release`` after it."""
+        if size <= SMALL_FRAME_BYTES:
+            return 0
+        if self.used + size > self.limit:
+            raise Overloaded(
+                f"the host is reading {self.used} bytes of other large requests (limit "
+                f"{self.limit}, SHM_MODEL_MAX_BUFFERED_BYTES); retry later",
+                limit=self.limit,
+            )
+        self.used += size
+        return size
+
+    def release(self, reserved: int) -> None:
+        self.used -= reserved
+
 
 class Supervisor:
     def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig) -> None:
@@ -188,6 +231,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters: collections.Counter[str] = collections.Counter()
         self.workers_ready_seconds = 0.0
+        self._frame_budget = FrameBudget(host_cfg.buffered_bytes_limit())
 
     # --- life ------------------------------------------------------------------------
 
@@ -297,7 +341,7 @@ class Supervisor:
                 f"private directory (mode {mode:04o}): run 'chmod {mode:o} {directory}' or choose "
                 "another SHM_MODEL_SOCKET"
             )
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -560,15 +604,42 @@ class Supervisor:
             conn.send(error_reply(None, PermissionDenied(f"uid {uid} may not use this host")))
             conn.close()
             return
+        if len(self._connections) >= self.cfg.max_connections:
+            log.warning("refused a connection from uid %d (pid %d): %d open", uid, peer_pid, len(self._connections))
+            self.counters["errors_overloaded"] += 1
+            error = Overloaded(
+                f"the host has {len(self._connections)} connections open (limit {self.cfg.max_connections}, "
+                "SHM_MODEL_MAX_CONNECTIONS); retry later",
+                limit=self.cfg.max_connections,
+            )
+            conn.drop(error)
+            return
         self._connections.add(conn)
+        loop = asyncio.get_running_loop()
         limit = self.cfg.max_frame_bytes
+
+        def frame_expired() -> None:
+            log.warning("client (uid %d) did not finish a frame in %gs; disconnecting it", uid, self.cfg.frame_timeout)
+            self.counters["frame_timeouts"] += 1
+            conn.drop(RequestTimeout(f"the frame was not completed within {self.cfg.frame_timeout:g}s"))
+
         try:
             while not conn.closed:
-                try:
-                    frame = await read_frame(reader, limit)
-                except ConnectionClosed:
+                # Idle between frames costs one connection slot; once a frame starts, it must be
+                # complete within SHM_MODEL_FRAME_TIMEOUT, and a large one must fit the FrameBudget.
+                first = await reader.read(1)
+                if not first:
                     break
-                except (ProtocolError, PayloadTooLarge) as exc:
+                timer = loop.call_later(self.cfg.frame_timeout, frame_expired)
+                reserved = 0
+                try:
+                    prefix = first + await reader.readexactly(PREFIX.size - 1)
+                    header_len, payload_len = unpack_prefix(prefix, limit)
+                    reserved = self._frame_budget.reserve(PREFIX.size + header_len + payload_len)
+                    frame = await read_body(reader, header_len, payload_len)
+                except (ConnectionClosed, asyncio.IncompleteReadError):
+                    break
+                except (ProtocolError, PayloadTooLarge, Overloaded) as exc:  # the stream is out of step
                     self.counters[f"errors_{exc.code}"] += 1
                     conn.send(error_reply(None, exc))
                     break
@@ -576,11 +647,17 @@ class Supervisor:
                     self.counters[f"errors_{exc.code}"] += 1
                     conn.send(error_reply(None, exc))
                     continue
+                finally:
+                    timer.cancel()
+                    self._frame_budget.release(reserved)
                 self._handle_request(conn, frame)
                 if conn.writer.transport.get_write_buffer_size() > 1 << 20:
                     await conn.writer.drain()
         except (ConnectionError, OSError):
             pass
+        except Exception:
+            log.exception("handling a connection of uid %d failed; this is a bug", uid)
+            conn.drop(InternalError("the host failed to handle this connection"))
         finally:
             conn.close()
             self._connections.discard(conn)
@@ -588,10 +665,14 @@ class Supervisor:
 
     def _handle_request(self, conn: Connection, frame: Frame) -> None:
         header = frame.header
-        rid = header.get("id") if isinstance(header.get("id"), int | str) else None
+        rid = reply_id(header)
         try:
             rid = request_id(header)
             op = request_op(header)
+            if op in ("stop", "reload") and conn.uid != os.getuid():
+                raise PermissionDenied(
+                    f"only the host's own user (uid {os.getuid()}) may {op} it, not uid {conn.uid}", op=op
+                )
             if self._stopping and op not in ("ping", "status", "info", "stop"):
                 raise HostUnavailable("the host is shutting down")
             if op == "encode":
@@ -610,6 +691,10 @@ class Supervisor:
         except ShmModelError as exc:
             self.counters[f"errors_{exc.code}"] += 1
             conn.send(error_reply(rid, exc))
+        except Exception:
+            log.exception("request %r of uid %d failed; this is a bug", rid, conn.uid)
+            self.counters["errors_internal_error"] += 1
+            conn.send(error_reply(rid, InternalError("the host failed to handle this request")))
 
     def _resolve_prompt(self, header: dict[str, Any]) -> str | None:
         prompt = optional_str(header, "prompt")
