@@ -8,35 +8,51 @@ subprocess that uses the host), ``POST /v1/embeddings`` + ``GET /v1/models``
 ``GET /metrics`` and ``GET /`` (a chat page).
 
 Run it with ``shm-model api`` (uvicorn) next to ``shm-model serve``. Settings come from the
-environment: ``RAG_DB``, ``API_HOST``/``API_PORT``, ``API_MAX_BODY_BYTES``,
-``API_UPLOAD_DIR``, ``CHAT_API_BASE``/``CHAT_API_KEY``/``CHAT_MODEL`` and the model
-manager's ``SHM_MODEL_*``.
+environment (``API_SETTINGS``, printed by ``shm-model api --help``) and the model manager's
+``SHM_MODEL_*``.
+
+Every request is bounded: the body by bytes actually received (per route) and by time, the
+input by items and characters before it reaches the model, the model calls by a per-route
+count (over it: 429), the responses by size, the ingestion jobs by a queue, a worker count
+and a wall-clock limit. Other hosts (DNS rebinding) and cross-site POSTs are refused, and
+``API_KEY`` guards every route but ``/health/*`` and the chat page.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hmac
+import ipaddress
 import json
 import logging
 import os
+import queue
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from shm_model import errors
 from shm_model.manager import ModelManager
@@ -48,21 +64,235 @@ from tablerag.store import Hit, ModelMismatch, Store, StoreError, open_store
 log = logging.getLogger("api_server")
 
 ROOT = Path(__file__).resolve().parent
-MAX_INPUTS = 2048
 READY_TIMEOUT = 2.0
-#: Ingestion jobs remembered for GET /documents/jobs/{id}.
+#: Inputs of one /v1/embeddings request, and characters of each (infinity's 122,880).
+MAX_INPUTS = 1024
+MAX_INPUT_CHARS = 122_880
+#: Results of one /search and one /chat.
+MAX_SEARCH_K = 50
+MAX_CHAT_K = 20
+#: A row hit carries its table's Markdown up to this size (else the rows around the hit).
+MAX_TABLE_BYTES = 8 << 10
+#: The sources of one /search or /chat response, all together.
+MAX_RESPONSE_BYTES = 1 << 20
+#: An error message is cut to this many characters (it never echoes the input).
+MAX_MESSAGE_CHARS = 300
+#: Finished ingestion jobs remembered for GET /documents/jobs/{id}.
 MAX_JOBS = 1000
+#: An uploaded file's name is cut to this many UTF-8 bytes, its suffix kept (NAME_MAX is 255).
+MAX_NAME_BYTES = 200
+#: Largest incomplete HTTP event (request line and headers) uvicorn's h11 buffers.
+MAX_HEADER_BYTES = 16 << 10
+#: Environment variables kept from the ingestion subprocess.
+SECRET_ENV = ("CHAT_API_KEY", "API_KEY")
+LOOPBACK_NAMES = ("localhost",)
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def _positive_int(env: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: an integer >= 1")
+    return value
+
+
+def _seconds(env: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: a number of seconds > 0")
+    return value
+
+
+def _bool(env: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: true, false, 1, 0")
+
+
+def _text(env: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _hosts(env: str, raw: str) -> tuple[str, ...]:
+    hosts = tuple(_host_pattern(h) for h in raw.split(",") if h.strip())
+    if not hosts or any(not re.fullmatch(r"[\w.*\-\[\]:]+", h) for h in hosts):
+        raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: comma-separated host names or addresses")
+    return hosts
+
+
+def _host_pattern(host: str) -> str:
+    """A host as Starlette compares it: lower case, an IPv6 address in brackets."""
+    host = host.strip().lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @dataclass(frozen=True)
+class ApiSetting:
+    env: str
+    field: str
+    default: str
+    help: str
+    parse: Callable[[str, str], Any]
+
+
+API_SETTINGS: tuple[ApiSetting, ...] = (
+    ApiSetting(
+        "RAG_DB", "db", str(ROOT / "data" / "rag.sqlite3"), "the store: a SQLite file or a PostgreSQL URL", _text
+    ),
+    ApiSetting(
+        "API_UPLOAD_DIR", "upload_dir", str(ROOT / "data" / "uploads"), "where uploads wait for ingestion", _text
+    ),
+    ApiSetting(
+        "API_MAX_BODY_BYTES",
+        "max_body_bytes",
+        str(50 << 20),
+        "largest POST /documents body (bytes received)",
+        _positive_int,
+    ),
+    ApiSetting(
+        "API_MAX_JSON_BYTES",
+        "max_json_bytes",
+        str(2 << 20),
+        "largest body of every other route (bytes received)",
+        _positive_int,
+    ),
+    ApiSetting(
+        "API_BODY_TIMEOUT", "body_timeout", "60", "seconds to receive a whole request body (else 408)", _seconds
+    ),
+    ApiSetting(
+        "API_HEADER_TIMEOUT", "header_timeout", "10", "seconds to receive a request's headers (else closed)", _seconds
+    ),
+    ApiSetting("API_KEEP_ALIVE", "keep_alive", "5", "seconds an idle keep-alive connection stays open", _positive_int),
+    ApiSetting(
+        "API_LIMIT_CONCURRENCY",
+        "limit_concurrency",
+        "2048",
+        "open connections or requests at once (beyond: 503)",
+        _positive_int,
+    ),
+    ApiSetting(
+        "API_ROUTE_CONCURRENCY",
+        "route_concurrency",
+        "8",
+        "model calls in progress per route (/v1/embeddings, /search, /chat); beyond: 429",
+        _positive_int,
+    ),
+    ApiSetting("API_JOB_TIMEOUT", "job_timeout", "600", "seconds one ingestion job may run (then killed)", _seconds),
+    ApiSetting("API_JOB_WORKERS", "job_workers", "1", "ingestion jobs running at once", _positive_int),
+    ApiSetting("API_JOB_QUEUE", "job_queue", "16", "ingestion jobs waiting at most (beyond: 429)", _positive_int),
+    ApiSetting("API_KEEP_UPLOADS", "keep_uploads", "false", "keep uploaded files after their ingestion", _bool),
+    ApiSetting(
+        "API_ALLOWED_HOSTS",
+        "allowed_hosts",
+        "localhost,127.0.0.1,::1 and the bound address",
+        "Host header values (and Origin hosts of POSTs) accepted",
+        _hosts,
+    ),
+    ApiSetting("API_KEY", "api_key", "", "when set, every route but /health/* and / needs 'Bearer <key>'", _text),
+    ApiSetting(
+        "API_ALLOW_OPEN",
+        "allow_open",
+        "false",
+        "allow a non-loopback address without API_KEY",
+        _bool,
+    ),
+    ApiSetting("CHAT_API_BASE", "chat_base", "", "an OpenAI-compatible endpoint that writes the answers", _text),
+    ApiSetting("CHAT_API_KEY", "chat_key", "", "its key", _text),
+    ApiSetting("CHAT_MODEL", "chat_model", "", "its model", _text),
+    ApiSetting("CHAT_TIMEOUT", "chat_timeout", "60", "seconds to wait for it", _seconds),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    db: str = field(default_factory=lambda: os.environ.get("RAG_DB", str(ROOT / "data" / "rag.sqlite3")))
-    max_body_bytes: int = field(default_factory=lambda: int(os.environ.get("API_MAX_BODY_BYTES", str(50 << 20))))
-    upload_dir: str = field(default_factory=lambda: os.environ.get("API_UPLOAD_DIR", str(ROOT / "data" / "uploads")))
-    chat_base: str | None = field(default_factory=lambda: os.environ.get("CHAT_API_BASE") or None)
-    chat_key: str = field(default_factory=lambda: os.environ.get("CHAT_API_KEY", ""))
-    chat_model: str = field(default_factory=lambda: os.environ.get("CHAT_MODEL", ""))
-    chat_timeout: float = field(default_factory=lambda: float(os.environ.get("CHAT_TIMEOUT", "60")))
+    """The API server's settings; ``Settings.load()`` reads them from the environment."""
+
+    db: str = str(ROOT / "data" / "rag.sqlite3")
+    upload_dir: str = str(ROOT / "data" / "uploads")
+    host: str = "127.0.0.1"
+    max_body_bytes: int = 50 << 20
+    max_json_bytes: int = 2 << 20
+    body_timeout: float = 60.0
+    header_timeout: float = 10.0
+    keep_alive: int = 5
+    limit_concurrency: int = 2048
+    route_concurrency: int = 8
+    job_timeout: float = 600.0
+    job_workers: int = 1
+    job_queue: int = 16
+    keep_uploads: bool = False
+    allowed_hosts: tuple[str, ...] = ()  # () is the loopback names and the bound address
+    api_key: str = ""
+    allow_open: bool = False
+    chat_base: str = ""
+    chat_key: str = ""
+    chat_model: str = ""
+    chat_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_json_bytes", "keep_alive", "limit_concurrency", "route_concurrency",
+                     "job_workers", "job_queue"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise errors.ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed values: >= 1")
+        for name in ("body_timeout", "header_timeout", "job_timeout", "chat_timeout"):
+            if not getattr(self, name) > 0:
+                raise errors.ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed values: seconds > 0")
+        if not self.allowed_hosts:
+            defaults = ("localhost", "127.0.0.1", "[::1]", _host_pattern(self.host))
+            object.__setattr__(self, "allowed_hosts", tuple(dict.fromkeys(defaults)))
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``env`` (default: the process environment); a bad value raises ConfigError
+        naming the variable and the allowed values."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for setting in API_SETTINGS:
+            raw = env.get(setting.env)
+            if raw is not None and setting.field not in overrides:
+                values[setting.field] = setting.parse(setting.env, raw)
+        values.update(overrides)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)} (this is a bug)")
+        return cls(**values)
+
+    def check_bind(self) -> None:
+        """A non-loopback address needs API_KEY, or API_ALLOW_OPEN=true."""
+        if _is_loopback(self.host) or self.api_key or self.allow_open:
+            return
+        raise errors.ConfigError(
+            f"API_HOST={self.host!r} is not a loopback address; set API_KEY, or API_ALLOW_OPEN=true to serve it open"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def settings_help() -> str:
+    """The API server's environment variables and defaults, for ``shm-model api --help``."""
+    lines = ["API server environment variables:"]
+    for s in API_SETTINGS:
+        lines.append(f"  {s.env}\n      {s.help}\n      default: {s.default or '(none)'}")
+    return "\n".join(lines)
 
 
 # --- request and response bodies ----------------------------------------------------------
@@ -74,16 +304,35 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        """Counts and types before pydantic walks the items: one short error, never one per item."""
+        if not isinstance(data, dict):
+            return data
+        items = data.get("input")
+        if isinstance(items, list):
+            if len(items) > MAX_INPUTS:
+                raise ValueError(f"input has {len(items)} items; at most {MAX_INPUTS}")
+            for i, item in enumerate(items):
+                if not isinstance(item, str):
+                    raise ValueError(f"input[{i}] is not a string (token arrays are not supported)")
+                if len(item) > MAX_INPUT_CHARS:
+                    raise ValueError(f"input[{i}] has {len(item)} characters; at most {MAX_INPUT_CHARS}")
+        elif isinstance(items, str) and len(items) > MAX_INPUT_CHARS:
+            raise ValueError(f"input has {len(items)} characters; at most {MAX_INPUT_CHARS}")
+        return data
+
 
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=4000)
-    k: int = Field(default=5, ge=1, le=100)
+    k: int = Field(default=5, ge=1, le=MAX_SEARCH_K)
     mode: Mode = "hybrid"
 
 
 class ChatRequest(BaseModel):
     question: str = Field(min_length=1, max_length=4000)
-    k: int = Field(default=5, ge=1, le=20)
+    k: int = Field(default=5, ge=1, le=MAX_CHAT_K)
     mode: Mode = "hybrid"
     stream: bool = False
 
@@ -102,6 +351,8 @@ STATUS = {
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -112,57 +363,145 @@ def status_for(exc: errors.ShmModelError) -> int:
     return 500
 
 
-class BodyLimit:
-    """413 for a body over ``limit`` bytes: at once from Content-Length; a body without one
-    (chunked) is read up to the limit first, then handed on."""
+class BodyRefused(HTTPException):
+    """A request body over its route's limit (413) or not received in time (408). An
+    HTTPException, so that FastAPI passes it through its body parsing unchanged."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code, self.message = code, message
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.code, self.message)
+
+
+class BodyLimit:
+    """Bounds every request body by the bytes actually received, whatever Content-Length or
+    Transfer-Encoding say, and by time: ``receive`` is wrapped and counts. A declared length over
+    the limit is refused before anything is read. ``/documents`` has the large limit; every
+    other route the small one."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    def limit_for(self, path: str) -> int:
+        return self.settings.max_body_bytes if path == "/documents" else self.settings.max_json_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                await self._refuse(send)
+        limit = self.limit_for(scope["path"])
+        too_large = BodyRefused(413, "payload_too_large", f"the body is over {limit} bytes")
+        for name, value in scope.get("headers") or []:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await too_large.response()(scope, _no_body, send)
                 return
-            await self.app(scope, receive, send)
-            return
-        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
-            await self.app(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                await self._refuse(send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
+        received = 0
+        complete = False
+        deadline = time.monotonic() + self.settings.body_timeout
+        started = False
 
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+        async def counted() -> dict[str, Any]:
+            nonlocal received, complete
+            if complete:
+                return await receive()  # after the body: only a disconnect is left to hear
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise BodyRefused(
+                    408, "request_timeout", f"the body did not arrive within {self.settings.body_timeout:g}s"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+                complete = not message.get("more_body", False)
+            return message
 
-        await self.app(scope, replay, send)
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-    async def _refuse(self, send: Any) -> None:
-        response = error_response(413, "payload_too_large", f"the body is over {self.limit} bytes")
-        await response({"type": "http"}, _no_body, send)
+        try:
+            await self.app(scope, counted, watched)
+        except BodyRefused as exc:
+            if started:
+                raise
+            await exc.response()(scope, _no_body, send)
 
 
 async def _no_body() -> dict[str, Any]:
     return {"type": "http.disconnect"}
+
+
+class Guard:
+    """Refuses cross-site state changes and, with ``API_KEY``, requests without the key.
+
+    A POST (any method but GET/HEAD/OPTIONS) with ``Sec-Fetch-Site: cross-site``, or whose
+    ``Origin`` (else ``Referer``) names a host that is not allowed, is 403: a page elsewhere
+    cannot upload or ask in the user's name. No CORS headers are sent, so no other origin can
+    read a response either. The Host header itself is checked by TrustedHostMiddleware."""
+
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        self.hosts = settings.allowed_hosts
+        self.key = settings.api_key.encode()
+
+    def _allowed(self, url: str) -> bool:
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            return False
+        if not host:
+            return False
+        host = _host_pattern(host)
+        return any(host == p or (p.startswith("*") and host.endswith(p[1:])) for p in self.hosts)
+
+    def refusal(self, scope: dict[str, Any]) -> JSONResponse | None:
+        headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        if scope["method"] not in self.SAFE:
+            if headers.get(b"sec-fetch-site", b"").lower() == b"cross-site":
+                return error_response(403, "forbidden", "cross-site requests are refused")
+            source = headers.get(b"origin") or headers.get(b"referer")
+            if source is not None and not self._allowed(source.decode("latin-1")):
+                return error_response(403, "forbidden", "requests from another origin are refused")
+        if self.key and not scope["path"].startswith("/health/") and scope["path"] != "/":
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                return error_response(
+                    401, "unauthorized", "a valid API key is needed: Authorization: Bearer <API_KEY>",
+                    {"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (refused := self.refusal(scope)) is not None:
+            await refused(scope, _no_body, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Admission:
+    """Model calls of one route, run in threads off the event loop: at most ``limit`` at once,
+    and the next one is refused at once with Overloaded (429) rather than queued."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name, self.limit = name, limit
+        self.active = 0
+        self.threads = anyio.CapacityLimiter(limit)
+
+    async def run(self, func: Callable[..., Any], *args: Any) -> Any:
+        if self.active >= self.limit:
+            raise errors.Overloaded(f"{self.name}: {self.limit} requests in progress; retry later")
+        self.active += 1
+        try:
+            return await anyio.to_thread.run_sync(func, *args, limiter=self.threads)
+        finally:
+            self.active -= 1
 
 
 # --- ingestion jobs ----------------------------------------------------------------------------
@@ -172,6 +511,8 @@ async def _no_body() -> dict[str, Any]:
 class Job:
     id: str
     files: list[str]
+    folder: str = ""
+    names: dict[str, str] = field(default_factory=dict)  # stored path -> the uploader's name
     state: str = "queued"  # queued | running | done | failed
     done: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
@@ -179,6 +520,9 @@ class Job:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     message: str = ""
+
+    def name(self, path: str) -> str:
+        return self.names.get(os.path.realpath(path), os.path.basename(path))
 
     def to_dict(self) -> dict[str, Any]:
         total = len(self.files)
@@ -197,77 +541,215 @@ class Job:
 
 
 class Jobs:
-    """Ingestion subprocesses (``rag_with_tables.py ingest --events``), one at a time."""
+    """Ingestion subprocesses (``rag_with_tables.py ingest --events``): a bounded queue read by a
+    fixed pool of ``job_workers`` runner threads; each job runs in its own process group, killed
+    past ``job_timeout``. Queued jobs are bounded by the queue, finished ones by ``MAX_JOBS``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._serial = threading.Lock()
-        self._procs: set[subprocess.Popen[str]] = set()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.job_queue)
+        self._procs: dict[int, subprocess.Popen[str]] = {}
+        self._stopping = threading.Event()
+        self._runners = [
+            threading.Thread(target=self._runner, name=f"ingest-{n}", daemon=True) for n in range(settings.job_workers)
+        ]
+        for runner in self._runners:
+            runner.start()
 
-    def submit(self, files: list[str]) -> Job:
-        job = Job(uuid.uuid4().hex[:12], files)
+    def check_room(self) -> None:
+        """Overloaded (429) when the queue is full, before an upload is stored."""
+        if self._queue.full():
+            raise errors.Overloaded(f"{self.settings.job_queue} ingestion jobs are waiting; retry later")
+
+    def submit(self, files: list[str], *, folder: str = "", names: dict[str, str] | None = None) -> Job:
+        job = Job(uuid.uuid4().hex[:12], files, folder=folder, names=names or {})
         with self._lock:
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise errors.Overloaded(f"{self.settings.job_queue} ingestion jobs are waiting; retry later") from None
             finished = [j.id for j in self.jobs.values() if j.finished is not None]
             for old in finished[: max(0, len(self.jobs) - MAX_JOBS + 1)]:
                 del self.jobs[old]  # the oldest finished jobs make room
             self.jobs[job.id] = job
-        threading.Thread(target=self._run, args=(job,), name=f"ingest-{job.id}", daemon=True).start()
         return job
 
+    def _runner(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if self._stopping.is_set():
+                    job.state, job.message = "failed", "the server stopped before the job ran"
+                else:
+                    self._run(job)
+            except Exception as exc:  # a runner must survive any one job
+                log.exception("ingestion job %s", job.id)
+                job.state, job.message = "failed", f"internal error: {type(exc).__name__}"
+            finally:
+                job.finished = job.finished or time.time()
+                if job.folder and not self.settings.keep_uploads:
+                    shutil.rmtree(job.folder, ignore_errors=True)
+
     def _run(self, job: Job) -> None:
-        with self._serial:
-            job.state = "running"
-            env = dict(os.environ, RAG_DB=self.settings.db)
-            cmd = [sys.executable, str(ROOT / "rag_with_tables.py"), "ingest", "--events", *job.files]
-            errors_file = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and stall the child
+        job.state = "running"
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env["RAG_DB"] = self.settings.db
+        cmd = [sys.executable, str(ROOT / "rag_with_tables.py"), "ingest", "--events", *job.files]
+        with tempfile.TemporaryFile(mode="w+") as errors_file:  # a pipe could fill up and stall the child
             try:
                 proc = subprocess.Popen(
                     cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors_file, text=True,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
             except OSError as exc:
-                errors_file.close()
                 job.state, job.message, job.finished = "failed", f"cannot start the ingestion: {exc}", time.time()
                 return
-            self._procs.add(proc)
+            timed_out = threading.Event()
+
+            def kill() -> None:
+                timed_out.set()
+                _kill_group(proc)
+
+            timer = threading.Timer(self.settings.job_timeout, kill)
+            timer.daemon = True
+            with self._lock:
+                self._procs[proc.pid] = proc
+            if self._stopping.is_set():
+                _kill_group(proc)
+            timer.start()
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if event.get("event") == "file":
-                        if event.get("error"):
-                            job.errors[event["path"]] = event["error"]
-                        else:
-                            job.done.append(event["path"])
-                            job.chunks += int(event.get("chunks", 0))
+                    self._event(job, line)
                 code = proc.wait()
-                errors_file.seek(0)
-                stderr = errors_file.read()
             finally:
-                self._procs.discard(proc)
-                errors_file.close()
-            job.finished = time.time()
-            if code in (0, 1):
-                job.state = "done"
-                job.message = "some files failed" if job.errors else "ok"
-            else:
-                job.state = "failed"
-                job.message = (stderr.strip().splitlines() or [f"exit status {code}"])[-1]
+                timer.cancel()
+                if proc.poll() is None:  # only when this thread was interrupted
+                    _kill_group(proc)
+                    proc.wait()
+                self._procs.pop(proc.pid, None)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            errors_file.seek(0)
+            stderr = errors_file.read(64 << 10)
+        job.finished = time.time()
+        if timed_out.is_set():
+            job.state = "failed"
+            job.message = f"stopped after API_JOB_TIMEOUT={self.settings.job_timeout:g}s"
+        elif code in (0, 1):
+            job.state = "done"
+            job.message = "some files failed" if job.errors else "ok"
+        else:
+            job.state = "failed"
+            job.message = (stderr.strip().splitlines() or [f"exit status {code}"])[-1][:MAX_MESSAGE_CHARS]
+
+    @staticmethod
+    def _event(job: Job, line: str) -> None:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        if not isinstance(event, dict) or event.get("event") != "file":
+            return
+        name = job.name(str(event.get("path", "")))
+        if event.get("error"):
+            job.errors[name] = str(event["error"])[:MAX_MESSAGE_CHARS]
+        else:
+            job.done.append(name)
+            job.chunks += int(event.get("chunks", 0))
 
     def stop(self) -> None:
-        for proc in list(self._procs):
-            proc.kill()
+        """Kill the running jobs' process groups, drop the queued jobs, end the runners."""
+        self._stopping.set()
+        with suppress(queue.Empty):
+            while True:
+                job = self._queue.get_nowait()
+                if job is not None:
+                    job.state, job.message, job.finished = (
+                        "failed",
+                        "the server stopped before the job ran",
+                        time.time(),
+                    )
+                    if job.folder and not self.settings.keep_uploads:
+                        shutil.rmtree(job.folder, ignore_errors=True)
+        for _ in self._runners:
+            with suppress(queue.Full):
+                self._queue.put_nowait(None)
+        with self._lock:
+            running = list(self._procs.values())
+        for proc in running:
+            _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def short_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``name`` cut to ``limit`` UTF-8 bytes on a character boundary, its suffix kept."""
+    if len(name.encode()) <= limit:
+        return name
+    stem, suffix = os.path.splitext(name)
+    if len(suffix.encode()) > limit // 4:
+        stem, suffix = name, ""
+    room = limit - len(suffix.encode())
+    return stem.encode()[:room].decode("utf-8", "ignore") + suffix
+
+
+def _safe_name(name: str) -> str:
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    base = re.sub(r"[\x00-\x1f\x7f]", "", base)
+    if not base or base in (".", ".."):
+        raise errors.BadRequest("an uploaded file has no usable name")
+    return short_name(base)
 
 
 # --- answers -------------------------------------------------------------------------------------
 
 
+def _cells(line: str) -> list[str]:
+    inner = line.strip().removeprefix("|").removesuffix("|")
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def _matches(line: str, wanted: list[str]) -> bool:
+    cells = _cells(line)
+    return all(v in cells for v in wanted)
+
+
+def bounded_table(markdown: str, row: dict[str, str] | None, limit: int = MAX_TABLE_BYTES) -> tuple[str | None, bool]:
+    """A table's Markdown up to ``limit`` UTF-8 bytes: whole when it fits, else its header and
+    the rows around ``row`` (None when the row is not found). Returns it and whether it was cut."""
+    if len(markdown.encode()) <= limit:
+        return markdown, False
+    lines = markdown.split("\n")
+    head, body = lines[:2], lines[2:]
+    wanted = [str(v) for v in (row or {}).values() if v]
+    hit = next(
+        (i for i, line in enumerate(body) if wanted and all(v in line for v in wanted) and _matches(line, wanted)), None
+    )
+    size = sum(len(line.encode()) + 1 for line in head)
+    if hit is None or size + len(body[hit].encode()) > limit:
+        return None, True
+    low = high = hit
+    size += len(body[hit].encode()) + 1
+    grew = True
+    while grew:  # one row below, then one above, while they fit
+        grew = False
+        for i in (high + 1, low - 1):
+            if 0 <= i < len(body) and size + len(body[i].encode()) + 1 <= limit:
+                size += len(body[i].encode()) + 1
+                low, high = min(low, i), max(high, i)
+                grew = True
+    return "\n".join(head + body[low : high + 1]), True
+
+
 def citation(n: int, hit: Hit) -> dict[str, Any]:
+    table, cut = None, False
+    if hit.kind in ("row", "table") and hit.table_markdown:
+        table, cut = bounded_table(hit.table_markdown, hit.row)
     return {
         "n": n,
         "document": os.path.basename(hit.path),
@@ -276,9 +758,23 @@ def citation(n: int, hit: Hit) -> dict[str, Any]:
         "score": round(hit.score, 4),
         "text": hit.text,
         "row": hit.row,
-        "table": hit.table_markdown if hit.kind in ("row", "table") else None,
+        "table": table,
+        "table_truncated": cut,
         "caption": hit.table_caption,
     }
+
+
+def citations(hits: list[Hit], budget: int = MAX_RESPONSE_BYTES) -> tuple[list[dict[str, Any]], bool]:
+    """The citations of ``hits`` while they fit in ``budget`` bytes (as JSON); whether some were left out."""
+    out: list[dict[str, Any]] = []
+    for n, hit in enumerate(hits, start=1):
+        item = citation(n, hit)
+        size = len(json.dumps(item, ensure_ascii=False).encode())
+        if size > budget:
+            return out, True
+        budget -= size
+        out.append(item)
+    return out, False
 
 
 def extractive_answer(question: str, hits: list[Hit]) -> str:
@@ -308,9 +804,10 @@ def context_block(hits: list[Hit]) -> str:
     blocks = []
     for n, hit in enumerate(hits, start=1):
         where = location_label(hit.location)
-        body = hit.text if not hit.row else hit.text + ("\n" + hit.table_markdown if hit.table_markdown else "")
+        table = bounded_table(hit.table_markdown, hit.row)[0] if hit.row and hit.table_markdown else None
+        body = hit.text + ("\n" + table if table else "")
         blocks.append(f"[{n}] {os.path.basename(hit.path)}{' (' + where + ')' if where else ''}\n{body}")
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks)[:MAX_RESPONSE_BYTES]
 
 
 def llm_answer(settings: Settings, question: str, hits: list[Hit]) -> Iterator[str]:
@@ -327,7 +824,8 @@ def llm_answer(settings: Settings, question: str, hits: list[Hit]) -> Iterator[s
     ]
     body = {"model": settings.chat_model, "messages": messages, "stream": True, "temperature": 0}
     headers = {"Authorization": f"Bearer {settings.chat_key}"} if settings.chat_key else {}
-    url = settings.chat_base.rstrip("/") + "/chat/completions"  # type: ignore[union-attr]
+    url = settings.chat_base.rstrip("/") + "/chat/completions"
+    received = 0
     with httpx.stream("POST", url, json=body, headers=headers, timeout=settings.chat_timeout) as response:
         if response.status_code != 200:
             raise errors.HostUnavailable(f"the chat model at {settings.chat_base} answered {response.status_code}")
@@ -339,6 +837,9 @@ def llm_answer(settings: Settings, question: str, hits: list[Hit]) -> Iterator[s
                 break
             delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
             if delta:
+                received += len(delta)
+                if received > MAX_RESPONSE_BYTES:
+                    break  # an answer is not a megabyte long
                 yield delta
 
 
@@ -346,13 +847,16 @@ def llm_answer(settings: Settings, question: str, hits: list[Hit]) -> Iterator[s
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or Settings.load()
     state: dict[str, Any] = {}
+    admission = {name: Admission(name, settings.route_concurrency) for name in ("/v1/embeddings", "/search", "/chat")}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["manager"] = ModelManager.get_instance()
         state["jobs"] = Jobs(settings)
+        # The Korean tokenizer loads on first use (seconds, holding the GIL): load it before serving.
+        await anyio.to_thread.run_sync(terms, "준비")
         yield
         state["jobs"].stop()
         store = state.get("store")
@@ -376,7 +880,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cached = state["retriever"] = Retriever(store(), current)
         return cached
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # The last one added runs first: Host, then origin and key, then the body.
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(Guard, settings=settings)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
 
     @app.exception_handler(errors.ShmModelError)
     async def shm_error(request: Request, exc: errors.ShmModelError) -> JSONResponse:
@@ -385,6 +892,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
         return error_response(status, exc.code, exc.message, headers)
+
+    @app.exception_handler(BodyRefused)
+    async def body_refused(request: Request, exc: BodyRefused) -> JSONResponse:
+        return exc.response()
 
     @app.exception_handler(ModelMismatch)
     async def mismatch(request: Request, exc: ModelMismatch) -> JSONResponse:
@@ -396,16 +907,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        found = exc.errors()
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')[:40] or 'body'}: {str(e['msg'])[:200]}"
+            for e in found[:3]
         )
+        if len(found) > 3:
+            problems += f" (and {len(found) - 3} more)"
         return error_response(422, "bad_request", problems)
 
     # --- health, status, metrics ---------------------------------------------------------
 
     @app.get("/health/live")
-    def live() -> dict[str, str]:
-        return {"status": "ok"}
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}  # on the event loop: it answers while every thread is busy
 
     @app.get("/health/ready")
     def ready() -> JSONResponse:
@@ -442,51 +957,56 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "data": [{"id": str(info["model"]), "object": "model", "created": 0, "owned_by": "shm-model"}],
         }
 
-    @app.post("/v1/embeddings")
-    def embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise errors.BadRequest("input must not be empty")
-        if len(texts) > MAX_INPUTS:
-            raise errors.BadRequest(f"input has {len(texts)} items; at most {MAX_INPUTS}")
-        for i, text in enumerate(texts):
-            if not text:
-                raise errors.BadRequest(f"input[{i}] is an empty string")
+    def embed(texts: list[str], encoding_format: str) -> JSONResponse:
         vectors = np.asarray(model().encode(texts, normalize_embeddings=True), dtype=np.float32)
         data = []
         for i, vector in enumerate(vectors):
-            if body.encoding_format == "base64":
+            if encoding_format == "base64":
                 embedding: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode()
             else:
                 embedding = vector.tolist()
             data.append({"object": "embedding", "index": i, "embedding": embedding})
         tokens = sum(len(t.encode("utf-8")) // 3 + 2 for t in texts)
-        return {
-            "object": "list",
-            "data": data,
-            "model": str(model().describe()["model"]),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": str(model().describe()["model"]),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )  # rendered here, in the thread, not on the event loop
+
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingsRequest) -> JSONResponse:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise errors.BadRequest("input must not be empty")
+        for i, text in enumerate(texts):
+            if not text:
+                raise errors.BadRequest(f"input[{i}] is an empty string")
+        return await admission["/v1/embeddings"].run(embed, texts, body.encoding_format)
 
     # --- search and chat -------------------------------------------------------------------------
 
-    @app.post("/search")
-    def search(body: SearchRequest) -> dict[str, Any]:
-        if not body.query.strip():
-            raise errors.BadRequest("query: only whitespace")
+    def find(body: SearchRequest) -> JSONResponse:
         finder = retriever()
         finder.check_model()
         hits = finder.search(body.query, k=body.k, mode=body.mode)
-        return {"query": body.query, "mode": body.mode, "results": [citation(n, h) for n, h in enumerate(hits, 1)]}
+        results, truncated = citations(hits)
+        return JSONResponse({"query": body.query, "mode": body.mode, "results": results, "truncated": truncated})
 
-    @app.post("/chat", response_model=None)
-    def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
-        if not body.question.strip():
-            raise errors.BadRequest("question: only whitespace")
+    @app.post("/search", response_model=None)
+    async def search(body: SearchRequest) -> JSONResponse:
+        if not body.query.strip():
+            raise errors.BadRequest("query: only whitespace")
+        return await admission["/search"].run(find, body)
+
+    def answer(body: ChatRequest) -> JSONResponse | StreamingResponse:
         finder = retriever()
         finder.check_model()
         hits = finder.search(body.question, k=body.k, mode=body.mode)
-        sources = [citation(n, h) for n, h in enumerate(hits, 1)]
+        sources, truncated = citations(hits)
+        hits = hits[: len(sources)]
         generated = bool(settings.chat_base) and bool(hits)
         if not hits:
             pieces: Iterator[str] = iter(["관련 문서를 찾지 못했습니다. (No matching passages in the documents.)"])
@@ -496,10 +1016,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pieces = iter([extractive_answer(body.question, hits)])
         kind = "generated" if generated else "extracted"
         if not body.stream:
-            return {"question": body.question, "answer": "".join(pieces), "answer_type": kind, "sources": sources}
+            return JSONResponse(
+                {
+                    "question": body.question,
+                    "answer": "".join(pieces),
+                    "answer_type": kind,
+                    "sources": sources,
+                    "truncated": truncated,
+                }
+            )
 
         def events() -> Iterator[str]:
-            head = json.dumps({"answer_type": kind, "sources": sources}, ensure_ascii=False)
+            head = json.dumps({"answer_type": kind, "sources": sources, "truncated": truncated}, ensure_ascii=False)
             yield f"event: sources\ndata: {head}\n\n"
             try:
                 for piece in pieces:
@@ -510,31 +1038,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.post("/chat", response_model=None)
+    async def chat(body: ChatRequest) -> JSONResponse | StreamingResponse:
+        if not body.question.strip():
+            raise errors.BadRequest("question: only whitespace")
+        return await admission["/chat"].run(answer, body)
+
     # --- documents -------------------------------------------------------------------------------
+
+    def store_uploads(files: list[UploadFile]) -> tuple[str, list[str], dict[str, str]]:
+        """Each file in a folder of its own (same names never collide; the stored file keeps the
+        uploader's name, shortened, for citations). Returns the folder, the paths, their names."""
+        folder = tempfile.mkdtemp(prefix="upload-", dir=_ensure(settings.upload_dir))
+        try:
+            saved, names = [], {}
+            for n, upload_file in enumerate(files):
+                name = _safe_name(upload_file.filename or "")
+                if Path(name).suffix.lower() not in SUPPORTED:
+                    raise errors.BadRequest(f"{name}: unsupported file type; supported: {', '.join(SUPPORTED)}")
+                path = Path(folder) / str(n) / name
+                path.parent.mkdir()
+                with open(path, "wb") as out:
+                    upload_file.file.seek(0)
+                    shutil.copyfileobj(upload_file.file, out, 1 << 20)
+                saved.append(str(path))
+                names[os.path.realpath(path)] = name
+            return folder, saved, names
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     @app.post("/documents", status_code=202)
     async def upload(files: list[UploadFile] = File(...)) -> dict[str, Any]:  # noqa: B008 (FastAPI's idiom)
         if not files:
             raise errors.BadRequest("no files in the upload")
-        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=_ensure(settings.upload_dir)))
-        saved = []
-        for upload_file in files:
-            name = _safe_name(upload_file.filename or "")
-            if Path(name).suffix.lower() not in SUPPORTED:
-                raise errors.BadRequest(f"{name}: unsupported file type; supported: {', '.join(SUPPORTED)}")
-            path = folder / name
-            with open(path, "wb") as out:
-                while chunk := await upload_file.read(1 << 20):
-                    out.write(chunk)
-            saved.append(str(path))
-        job = state["jobs"].submit(saved)
-        return {"job": job.id, "status_url": f"/documents/jobs/{job.id}", "files": [Path(p).name for p in saved]}
+        jobs: Jobs = state["jobs"]
+        jobs.check_room()
+        folder, saved, names = await anyio.to_thread.run_sync(store_uploads, files)
+        try:
+            job = jobs.submit(saved, folder=folder, names=names)
+        except errors.Overloaded:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return {"job": job.id, "status_url": f"/documents/jobs/{job.id}", "files": list(names.values())}
 
     @app.get("/documents/jobs/{job_id}")
     def job_status(job_id: str) -> JSONResponse:
         job = state["jobs"].jobs.get(job_id)
         if job is None:
-            return error_response(404, "not_found", f"no ingestion job {job_id!r}")
+            return error_response(404, "not_found", f"no ingestion job {job_id[:40]!r}")
         return JSONResponse(job.to_dict())
 
     @app.get("/", response_class=HTMLResponse)
@@ -551,12 +1103,54 @@ def _ensure(folder: str) -> str:
     return folder
 
 
-def _safe_name(name: str) -> str:
-    base = os.path.basename(name.replace("\\", "/")).strip()
-    base = re.sub(r"[\x00-\x1f]", "", base)
-    if not base or base in (".", ".."):
-        raise errors.BadRequest("an uploaded file has no usable name")
-    return base[:200]
+# --- the server ------------------------------------------------------------------------------------
+
+
+def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that has
+    not sent a whole request head ``seconds`` after it opened (or after its last response) is
+    closed. uvicorn has no such timeout; without it, slow-header clients hold connections forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            armed = self.cycle
+            self._header_timer = self.loop.call_later(seconds, self._expire, armed)
+
+        def _expire(self, armed: object) -> None:
+            self._header_timer = None
+            idle = armed is None or armed.response_complete  # type: ignore[attr-defined]
+            if self.cycle is armed and idle and not self.transport.is_closing():
+                self.transport.close()  # no request head since it was armed
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def serve(host: str, port: int, log_level: str) -> int:
@@ -565,8 +1159,21 @@ def serve(host: str, port: int, log_level: str) -> int:
 
     from shm_model.logs import setup
 
+    settings = Settings.load(host=host)
+    settings.check_bind()
     setup(log_level, role="api")
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, access_log=False)
+    _raise_open_files_limit(settings.limit_concurrency + 256)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=header_timeout_protocol(settings.header_timeout),
+        timeout_keep_alive=settings.keep_alive,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=settings.limit_concurrency,
+    )
     return 0
 
 
@@ -577,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli(["api", *(sys.argv[1:] if argv is None else argv)])
 
 
-__all__ = ["Settings", "create_app", "main", "serve"]
+__all__ = ["API_SETTINGS", "Settings", "create_app", "main", "serve", "settings_help"]
 
 if __name__ == "__main__":
     sys.exit(main())

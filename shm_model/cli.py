@@ -119,6 +119,21 @@ def _api(args: argparse.Namespace) -> int:
     return api_server.serve(args.host, args.port, args.log_level)
 
 
+class _ApiHelp(argparse.RawDescriptionHelpFormatter):
+    """Adds the API server's settings to ``shm-model api --help`` only, so that other commands do
+    not import the HTTP stack to build their parser."""
+
+    def add_text(self, text: str | None) -> None:
+        if text == _API_EPILOG:
+            import api_server
+
+            text = api_server.settings_help() + "\n\n" + settings_help()
+        super().add_text(text)
+
+
+_API_EPILOG = "(API settings)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shm-model",
@@ -131,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, help="request timeout in seconds")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Any, help_text: str, api: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=settings_help(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=_API_EPILOG if api else settings_help(),
+            formatter_class=_ApiHelp if api else argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(func=func)
         return p
@@ -152,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the vectors as a JSON array")
     add("reload", _reload, "load the model again and replace the workers without failing requests")
     add("stop", _stop, "stop the host gracefully (in-flight requests finish)")
-    p = add("api", _api, "run the chat (RAG) API server on the host (uvicorn; see api_server.py)")
-    p.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"), help="address (API_HOST)")
+    p = add("api", _api, "run the chat (RAG) API server on the host (uvicorn; see api_server.py)", api=True)
+    p.add_argument(
+        "--host",
+        default=os.environ.get("API_HOST", "127.0.0.1"),
+        help="address (API_HOST); a non-loopback one needs API_KEY or API_ALLOW_OPEN=true",
+    )
     p.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")), help="port (API_PORT)")
     p.add_argument("--log-level", default=os.environ.get("SHM_MODEL_LOG_LEVEL", "info"), help="debug, info, warning")
     return parser

@@ -214,8 +214,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class ApiUrl(str):
+    """The URL of an API server subprocess, with its pid and port."""
+
+    pid: int
+    port: int
+
+
 @contextlib.contextmanager
-def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+def api_server(env: dict[str, str], log_path: Path) -> Iterator[ApiUrl]:
     """``shm-model api`` in a subprocess on a free port; yields its URL once it is ready, ends it after."""
     import httpx
 
@@ -226,7 +233,8 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    url = ApiUrl(f"http://127.0.0.1:{port}")
+    url.pid, url.port = proc.pid, port
     try:
 
         def ready() -> bool:

@@ -50,7 +50,7 @@ def app_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
         monkeypatch.setenv("RAG_DB", db)
         monkeypatch.setenv("API_UPLOAD_DIR", str(tmp_path / "uploads"))
         ModelManager.reset_instance()
-        client = TestClient(api_server.create_app(api_server.Settings(**settings)))
+        client = TestClient(api_server.create_app(api_server.Settings.load(**settings)), base_url="http://localhost")
         client.__enter__()
         clients.append(client)
         return client
@@ -157,7 +157,7 @@ def test_chat_generates_with_a_configured_chat_model(app_for, bundled_host: Host
 
 
 def test_bad_input_is_422_and_large_bodies_413(app_for, bundled_host: Host, store_path: str) -> None:
-    api = app_for(bundled_host.socket, store_path, max_body_bytes=10_000)
+    api = app_for(bundled_host.socket, store_path, max_json_bytes=10_000)
     cases = [
         ("/v1/embeddings", {"input": []}, "input must not be empty"),
         ("/v1/embeddings", {"input": ["ok", ""]}, "input[1] is an empty string"),
