@@ -39,6 +39,7 @@ class IngestReport:
     chunks: int = 0
     pages: int = 0
     seconds: float = 0.0
+    parse_peak_rss: int = 0  # bytes: the most memory one file's parse took (its process's peak RSS)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -115,6 +116,7 @@ class Ingestor:
                 if on_file is not None:
                     on_file({"event": "file", "path": str(path), **event})
                 bar.update(1)
+            report.parse_peak_rss = box.peak_rss
         report.seconds = time.perf_counter() - started
         return report
 

@@ -68,14 +68,14 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "max_memory_mb": (
         "RAG_MAX_MEMORY_MB",
         _int(16),
-        "memory (MB of address space) one file's parse may add to the parser process",
+        "MB of address space a parse may add to the parser process",
     ),
-    "file_timeout": ("RAG_FILE_TIMEOUT", _seconds, "seconds one file's parse may take"),
-    "max_table_cells": ("RAG_MAX_TABLE_CELLS", _int(1), "cells in one table, spans and merged cells included"),
+    "file_timeout": ("RAG_FILE_TIMEOUT", _seconds, "seconds a parse may take"),
+    "max_table_cells": ("RAG_MAX_TABLE_CELLS", _int(1), "cells a table may have, spans and merged cells included"),
     "max_document_chars": (
         "RAG_MAX_DOCUMENT_CHARS",
         _int(1),
-        "characters of text and table cells in one document (each cell counts one more)",
+        "characters of text and cells a document may have",
     ),
 }
 

@@ -57,6 +57,7 @@ class ParseBox:
 
     def __init__(self, limits: IngestLimits) -> None:
         self.limits = limits
+        self.peak_rss = 0  # bytes: the largest peak RSS of a parse child so far
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ParseBox:
@@ -80,6 +81,9 @@ class ParseBox:
             reply = json.loads(line)
             if not isinstance(reply, dict):
                 raise ValueError("expected an object")
+            peak = reply.get("peak_rss")
+            if isinstance(peak, int):
+                self.peak_rss = max(self.peak_rss, peak)
             if not reply.get("ok"):
                 raise ParseError(str(reply.get("error") or "the parser gave no reason"))
             blocks = reply.get("blocks")
@@ -194,15 +198,16 @@ def parse_in_child(path: Path, limits: IngestLimits) -> dict[str, Any]:
             failure = f"parsing took more than {limits.file_timeout:g} s of CPU time (RAG_FILE_TIMEOUT)"
         else:
             failure = f"the parser process was killed by {signal.Signals(number).name}"
+    peak = {"peak_rss": usage.ru_maxrss * 1024}
     if failure is None:
         try:
             reply = json.loads(data)
         except ValueError:
             reply = None
         if isinstance(reply, dict):
-            return reply
+            return reply | peak
         failure = f"the parser process exited with status {os.waitstatus_to_exitcode(status)} without an answer"
-    return {"ok": False, "error": failure}
+    return {"ok": False, "error": failure} | peak
 
 
 def _child(path: Path, limits: IngestLimits, fd: int) -> None:
@@ -252,7 +257,7 @@ def main(argv: list[str]) -> int:
     _preload()
     try:
         serve(limits, sys.stdin.buffer, replies)
-    except BrokenPipeError:  # the ingesting process went away
+    except (BrokenPipeError, KeyboardInterrupt):  # the ingesting process went away, or was interrupted
         pass
     return 0
 
