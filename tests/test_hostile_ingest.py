@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tablerag.chunking import TokenCounter, _fit
-from tablerag.documents import _md_heading, parse
+from tablerag.documents import TooLarge, _md_heading, parse
 from tablerag.ingest import Ingestor, IngestReport
 from tablerag.limits import IngestLimits
 from tablerag.store import ModelMismatch, SQLiteStore
@@ -112,7 +112,16 @@ def csv_wide(folder: Path) -> Path:
 
 def pdf_operators(folder: Path, operators: int = 3_000_000) -> Path:
     """One page whose Flate content stream shows one character three million times."""
-    content = zlib.compress(b"BT /F1 1 Tf 0 0 Td " + b"(a)Tj\n" * operators + b"ET", 9)
+    return _pdf(folder, "operators.pdf", b"BT /F1 1 Tf 0 0 Td " + b"(a)Tj\n" * operators + b"ET")
+
+
+def pdf_content(folder: Path) -> Path:
+    """One page whose 40 KB content stream inflates to 40 MB (of spaces)."""
+    return _pdf(folder, "content.pdf", b"BT /F1 1 Tf 0 0 Td (a)Tj ET" + b" " * (40 << 20))
+
+
+def _pdf(folder: Path, name: str, page_content: bytes) -> Path:
+    content = zlib.compress(page_content, 9)
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
@@ -130,7 +139,7 @@ def pdf_operators(folder: Path, operators: int = 3_000_000) -> Path:
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path = folder / "operators.pdf"
+    path = folder / name
     path.write_bytes(bytes(out))
     return path
 
@@ -202,6 +211,7 @@ ATTACKS: dict[str, Callable[[Path], Path]] = {
     "xlsx-rows": xlsx_rows,
     "csv-wide": csv_wide,
     "pdf-operators": pdf_operators,
+    "pdf-content": pdf_content,
     "docx-bomb": docx_bomb,
     "docx-grid-span": docx_grid_span,
     "markdown-heading": markdown_heading,
@@ -222,6 +232,7 @@ REASONS = {
     "xlsx-rows": "table has at least 200,001 cells; the limit is 200,000 (RAG_MAX_TABLE_CELLS)",
     "csv-wide": "table has 200,000 columns; the limit is 1,000",
     "pdf-operators": "page 1 draws more than 100,000 objects",
+    "pdf-content": "page 1 has more than 32 MB of content",
     "docx-bomb": "word/document.xml unzips",
     "docx-grid-span": "table has at least 100,000,000 cells; the limit is 200,000 (RAG_MAX_TABLE_CELLS)",
 }
@@ -289,6 +300,15 @@ def test_the_memory_limit_stops_what_the_caps_let_through(tmp_path: Path, benign
             (str(tmp_path / "spans.html"), "parsing needs more than 160 MB of memory (RAG_MAX_MEMORY_MB)")
         ]
         assert report.added == [str(benign)] and seconds < 10 and children < 512 * MB and growth < 512 * MB
+
+
+def test_a_document_over_the_character_limit_fails(tmp_path: Path) -> None:
+    limits = IngestLimits(max_document_chars=len(BENIGN) - 10)
+    for name, text in {"long.txt": BENIGN, "long.html": f"<p>{BENIGN}</p>"}.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(TooLarge, match=rf"^document has more than {len(BENIGN) - 10} characters"):
+            parse(tmp_path / name, limits)
+    assert parse(tmp_path / "long.txt", IngestLimits(max_document_chars=len(BENIGN)))
 
 
 def test_a_file_over_the_time_limit_fails_alone(tmp_path: Path, benign: Path) -> None:
