@@ -22,6 +22,8 @@ log = logging.getLogger("rag_with_tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tablerag.limits import settings_help
+
     parser = argparse.ArgumentParser(
         prog="rag_with_tables.py",
         description=__doc__,
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
             "the model comes from "
             "ModelManager: SHM_MODEL_MODE=auto|shared|local, SHM_MODEL_SOCKET, MODEL_NAME "
             "(see 'shm-model --help').\n"
-            "exit status: 0 ok, 1 some files failed or nothing matched, 2 usage or store error."
+            "exit status: 0 ok, 1 some files failed or nothing matched, 2 usage or store error.\n"
+            "ingestion limits (each file is parsed in a child process): " + settings_help() + "."
         ),
     )
     parser.add_argument(
@@ -97,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from shm_model import ModelManager
-    from shm_model.errors import ShmModelError
+    from shm_model.errors import ConfigError, ShmModelError
+    from tablerag.limits import IngestLimits
     from tablerag.store import StoreError, open_store
+
+    try:
+        args.limits = IngestLimits.load()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     try:
         store = open_store(args.db)
@@ -126,7 +136,7 @@ def _ingest(store: Any, model: Any, args: argparse.Namespace) -> int:
     def event(item: dict[str, Any]) -> None:
         print(json.dumps(item, ensure_ascii=False), flush=True)
 
-    report = Ingestor(store, model).ingest(
+    report = Ingestor(store, model, args.limits).ingest(
         args.paths,
         progress=not args.no_progress and not args.events and sys.stderr.isatty(),
         on_file=event if args.events else None,

@@ -20,6 +20,9 @@ from tablerag.documents import Block, Table
 
 #: Tokens per text chunk when the model allows more; shorter chunks retrieve more precisely.
 DEFAULT_BUDGET = 256
+#: No token of a real vocabulary is longer: a long word is cut looking this many characters
+#: ahead per token of room, never further.
+CHARS_PER_TOKEN = 16
 #: Morpheme tags kept for BM25: nouns, numbers, roots, verbs and adjectives, foreign words.
 BM25_TAGS = ("NN", "NR", "NP", "SN", "SL", "SH", "XR", "VV", "VA", "MAG")
 
@@ -156,26 +159,63 @@ def _pack_text(blocks: list[Block], count: Callable[[str], int], budget: int) ->
 
 
 def _fit(sentence: str, count: Callable[[str], int], room: int) -> list[str]:
-    """A sentence longer than the budget, cut at spaces (or anywhere) into pieces that fit."""
+    """A sentence longer than the budget, cut at spaces (or anywhere) into pieces that fit.
+
+    Words are packed greedily, as many as fit; the end of each piece is found by galloping
+    over the word count (counts grow with words), so a sentence costs a few counts a piece
+    instead of one a word. A word longer than the room is cut by characters (``_cut``)."""
     if count(sentence) <= room:
         return [sentence]
     pieces: list[str] = []
-    current = ""
+    run: list[str] = []  # words that each fit alone
     for word in sentence.split(" "):
-        while count(word) > room:  # one long word: cut it by characters
-            cut = len(word)
-            while cut > 1 and count(word[:cut]) > room:
-                cut //= 2
-            pieces.append(word[:cut])
-            word = word[cut:]
-        candidate = f"{current} {word}" if current else word
-        if current and count(candidate) > room:
-            pieces.append(current)
-            candidate = word
-        current = candidate
-    if current:
-        pieces.append(current)
+        if len(word) > room * CHARS_PER_TOKEN or count(word) > room:  # one long word: cut it by characters
+            pieces += _pack(run, count, room)
+            cuts, word = _cut(word, count, room)
+            pieces += cuts
+            run = []
+        run.append(word)
+    return pieces + _pack(run, count, room)
+
+
+def _pack(words: list[str], count: Callable[[str], int], room: int) -> list[str]:
+    """Words joined by spaces into pieces of at most ``room`` tokens, each as long as fits."""
+    pieces: list[str] = []
+    i = 0
+    while i < len(words):
+        while i < len(words) - 1 and not words[i]:
+            i += 1  # a piece never starts with an empty word
+        fits, step, over = i + 1, 1, len(words) + 1  # words[i:fits] fit; words[i:over] do not
+        while fits + step < over and count(" ".join(words[i : fits + step])) <= room:
+            fits += step
+            step *= 2
+        over = min(over, fits + step)
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            if count(" ".join(words[i:middle])) <= room:
+                fits = middle
+            else:
+                over = middle
+        if words[i] or fits - i > 1:
+            pieces.append(" ".join(words[i:fits]))
+        i = fits
     return pieces
+
+
+def _cut(word: str, count: Callable[[str], int], room: int) -> tuple[list[str], str]:
+    """Pieces of a word that fit the room, and the rest that does. Each piece is the first of
+    ever halved prefixes that fits, halving from at most twice the last piece (at first from
+    ``room * CHARS_PER_TOKEN`` characters): a word of any length is cut in linear time."""
+    pieces: list[str] = []
+    start, limit = 0, room * CHARS_PER_TOKEN
+    while len(word) - start > limit or count(word[start:]) > room:
+        cut = min(len(word) - start, limit)
+        while cut > 1 and count(word[start : start + cut]) > room:
+            cut //= 2
+        pieces.append(word[start : start + cut])
+        start += cut
+        limit = max(2 * cut, 2)
+    return pieces, word[start:]
 
 
 def dumps(value: Any) -> str:

@@ -1,4 +1,9 @@
-"""Ingestion: files into the store, one transaction per file, idempotent by content hash."""
+"""Ingestion: files into the store, one transaction per file, idempotent by content hash.
+
+Each file is parsed in a child process under the memory and time limits of
+``IngestLimits`` (``tablerag.sandbox``); a file over a limit fails alone and leaves the
+store as it was.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from tablerag.chunking import DEFAULT_BUDGET, TokenCounter, chunk_blocks, terms
-from tablerag.documents import ParseError, parse
+from tablerag.documents import ParseError
+from tablerag.limits import IngestLimits
 from tablerag.retrieval import prompt_for
+from tablerag.sandbox import ParseBox
 from tablerag.store import DocumentInput, Store
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,7 @@ class IngestReport:
     chunks: int = 0
     pages: int = 0
     seconds: float = 0.0
+    parse_peak_rss: int = 0  # bytes: the most memory one file's parse took (its process's peak RSS)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -67,9 +75,10 @@ def sha256(path: Path) -> str:
 class Ingestor:
     """Parses, chunks, embeds (through the model manager's encoder) and stores files."""
 
-    def __init__(self, store: Store, model: Any) -> None:
+    def __init__(self, store: Store, model: Any, limits: IngestLimits | None = None) -> None:
         self.store = store
         self.model = model
+        self.limits = limits or IngestLimits()
         info = model.describe()
         self.model_name = str(info["model"])
         self.dimension = int(info["dimension"])
@@ -101,17 +110,19 @@ class Ingestor:
         files = discover(paths)
         report = IngestReport()
         started = time.perf_counter()
-        with tqdm(total=len(files), unit="file", desc="ingest", disable=not progress) as bar:
+        bar = tqdm(total=len(files), unit="file", desc="ingest", disable=not progress)
+        with ParseBox(self.limits) as box, bar:
             for path in files:
                 bar.set_postfix_str(path.name[-40:])
-                event = self._one(path, report)
+                event = self._one(path, report, box)
                 if on_file is not None:
                     on_file({"event": "file", "path": str(path), **event})
                 bar.update(1)
+            report.parse_peak_rss = box.peak_rss
         report.seconds = time.perf_counter() - started
         return report
 
-    def _one(self, path: Path, report: IngestReport) -> dict[str, Any]:
+    def _one(self, path: Path, report: IngestReport, box: ParseBox) -> dict[str, Any]:
         key = str(path)
         try:
             if not path.exists():
@@ -121,10 +132,10 @@ class Ingestor:
             if previous == digest:
                 report.unchanged.append(key)
                 return {"status": "unchanged", "chunks": 0}
-            blocks = parse(path)
+            blocks = box.parse(path)
         except (ParseError, OSError) as exc:
             report.failed.append((key, str(exc)))
-            log.error("%s: %s", path, exc)
+            log.info("%s: %s", path, exc)
             return {"status": "failed", "error": str(exc)}
         chunks = chunk_blocks(blocks, self.count, self.budget)
         vectors = self.embed([c.text for c in chunks])

@@ -317,6 +317,10 @@ class SQLiteStore(Store):
         super().__init__()
         self.path = self.location = os.path.abspath(path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        # Created private before SQLite opens it: SQLite gives the -wal and -shm files the
+        # database file's mode, and an empty file is an empty database.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
