@@ -3,9 +3,12 @@
 Endpoints: ``POST /chat`` (answer with citations: from an OpenAI-compatible chat model when
 one is configured, else extracted from the best passages and table rows), ``POST /search``,
 ``POST /documents`` + ``GET /documents/jobs/{id}`` (ingestion by a ``rag_with_tables.py``
-subprocess that uses the host), ``POST /v1/embeddings`` + ``GET /v1/models``
-(OpenAI-compatible), ``GET /model/status``, ``GET /health/live``, ``GET /health/ready``,
-``GET /metrics`` and ``GET /`` (a chat page).
+subprocess that uses the host), ``POST /v1/embeddings`` + ``GET /v1/models[/{id}]``
+(OpenAI-compatible: ``dimensions``, token-array inputs, usage counted by the model's
+tokenizer), ``POST /embed`` (also ``POST /``) + ``POST /tokenize`` + ``GET /info`` +
+``GET /health`` (TEI-compatible), ``GET /model/status``, ``GET /health/live``,
+``GET /health/ready``, ``GET /metrics`` (the model's metrics and per-route HTTP metrics) and
+``GET /`` (a chat page).
 
 Run it with ``shm-model api`` (uvicorn) next to ``shm-model serve``. Settings come from the
 environment (``API_SETTINGS``, printed by ``shm-model api --help``) and the model manager's
@@ -15,7 +18,7 @@ Every request is bounded: the body by bytes actually received (per route) and by
 input by items and characters before it reaches the model, the model calls by a per-route
 count (over it: 429), the responses by size, the ingestion jobs by a queue, a worker count
 and a wall-clock limit. Other hosts (DNS rebinding) and cross-site POSTs are refused, and
-``API_KEY`` guards every route but ``/health/*`` and the chat page.
+``API_KEY`` guards every route but ``/health``, ``/health/*`` and the chat page.
 """
 
 from __future__ import annotations
@@ -49,13 +52,17 @@ import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import Counter, Histogram
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator.metrics import Info as RequestInfo
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from shm_model import errors
 from shm_model.manager import ModelManager
+from shm_model.metrics import REGISTRY
 from tablerag.chunking import location_label, split_sentences, terms
 from tablerag.documents import SUPPORTED
 from tablerag.retrieval import Mode, Retriever
@@ -65,9 +72,15 @@ log = logging.getLogger("api_server")
 
 ROOT = Path(__file__).resolve().parent
 READY_TIMEOUT = 2.0
-#: Inputs of one /v1/embeddings request, and characters of each (infinity's 122,880).
+#: Inputs of one /v1/embeddings or /embed request, and characters of each (infinity's 122,880).
 MAX_INPUTS = 1024
 MAX_INPUT_CHARS = 122_880
+#: Token ids of one token-array input (OpenAI's limit per input).
+MAX_INPUT_TOKENS = 8192
+#: Tokens one /tokenize response lists, all inputs together (about 60 bytes of JSON each).
+MAX_TOKENIZE_TOKENS = 32_768
+#: Routes that answer errors in TEI's shape ({"error": "...", "error_type": "..."}).
+TEI_ROUTES = ("/embed", "/tokenize", "/info", "/health")
 #: Results of one /search and one /chat.
 MAX_SEARCH_K = 50
 MAX_CHAT_K = 20
@@ -185,7 +198,7 @@ API_SETTINGS: tuple[ApiSetting, ...] = (
         "API_ROUTE_CONCURRENCY",
         "route_concurrency",
         "8",
-        "model calls in progress per route (/v1/embeddings, /search, /chat); beyond: 429",
+        "model calls in progress per route (/v1/embeddings, /embed, /tokenize, /search, /chat); beyond: 429",
         _positive_int,
     ),
     ApiSetting("API_JOB_TIMEOUT", "job_timeout", "600", "seconds one ingestion job may run (then killed)", _seconds),
@@ -199,7 +212,7 @@ API_SETTINGS: tuple[ApiSetting, ...] = (
         "Host header values (and Origin hosts of POSTs) accepted",
         _hosts,
     ),
-    ApiSetting("API_KEY", "api_key", "", "when set, every route but /health/* and / needs 'Bearer <key>'", _text),
+    ApiSetting("API_KEY", "api_key", "", "when set, every route but /health* and GET / needs 'Bearer <key>'", _text),
     ApiSetting(
         "API_ALLOW_OPEN",
         "allow_open",
@@ -297,30 +310,95 @@ def settings_help() -> str:
 
 # --- request and response bodies ----------------------------------------------------------
 
+#: Texts, or token ids of the served model's tokenizer (one array, or one per input).
+Inputs = str | list[str] | list[int] | list[list[int]]
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_inputs(items: Any, name: str) -> None:
+    """Counts, kinds and sizes of an input before pydantic walks it: one short error, never one per
+    item. Strings, token ids, or lists of token ids, all of one kind."""
+    if isinstance(items, str):
+        if len(items) > MAX_INPUT_CHARS:
+            raise ValueError(f"{name} has {len(items)} characters; at most {MAX_INPUT_CHARS}")
+        return
+    if not isinstance(items, list):
+        return  # pydantic names the type
+    if items and _is_id(items[0]):
+        if len(items) > MAX_INPUT_TOKENS:
+            raise ValueError(f"{name} has {len(items)} token ids; at most {MAX_INPUT_TOKENS}")
+        kind = "token ids"
+    elif len(items) > MAX_INPUTS:
+        raise ValueError(f"{name} has {len(items)} items; at most {MAX_INPUTS}")
+    else:
+        kind = "lists of token ids" if items and isinstance(items[0], list) else "strings"
+    for i, item in enumerate(items):
+        if kind == "strings" and isinstance(item, str):
+            if len(item) > MAX_INPUT_CHARS:
+                raise ValueError(f"{name}[{i}] has {len(item)} characters; at most {MAX_INPUT_CHARS}")
+        elif kind == "lists of token ids" and isinstance(item, list):
+            if len(item) > MAX_INPUT_TOKENS:
+                raise ValueError(f"{name}[{i}] has {len(item)} token ids; at most {MAX_INPUT_TOKENS}")
+            if not all(_is_id(t) for t in item):
+                raise ValueError(f"{name}[{i}] is a list that is not all integer token ids")
+        elif not (kind == "token ids" and _is_id(item)):
+            raise ValueError(
+                f"{name}[{i}] is a {type(item).__name__}, but {name}[0] makes {name} {kind}; "
+                "give strings, token ids, or lists of token ids"
+            )
+
 
 class EmbeddingsRequest(BaseModel):
-    input: str | list[str]
+    """OpenAI's embeddings request; ``input`` may be token ids of the served model's tokenizer."""
+
+    input: Inputs
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _bounded(cls, data: Any) -> Any:
-        """Counts and types before pydantic walks the items: one short error, never one per item."""
-        if not isinstance(data, dict):
-            return data
-        items = data.get("input")
-        if isinstance(items, list):
-            if len(items) > MAX_INPUTS:
-                raise ValueError(f"input has {len(items)} items; at most {MAX_INPUTS}")
-            for i, item in enumerate(items):
-                if not isinstance(item, str):
-                    raise ValueError(f"input[{i}] is not a string (token arrays are not supported)")
-                if len(item) > MAX_INPUT_CHARS:
-                    raise ValueError(f"input[{i}] has {len(item)} characters; at most {MAX_INPUT_CHARS}")
-        elif isinstance(items, str) and len(items) > MAX_INPUT_CHARS:
-            raise ValueError(f"input has {len(items)} characters; at most {MAX_INPUT_CHARS}")
+        if isinstance(data, dict):
+            check_inputs(data.get("input"), "input")
+        return data
+
+
+class EmbedRequest(BaseModel):
+    """TEI's ``POST /embed``. ``truncate`` null is TEI's default without ``--auto-truncate``: an
+    input over the model's length is refused (413), not cut."""
+
+    inputs: Inputs
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: str | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_inputs(data.get("inputs"), "inputs")
+        return data
+
+
+class TokenizeRequest(BaseModel):
+    """TEI's ``POST /tokenize``."""
+
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_inputs(data.get("inputs"), "inputs")
         return data
 
 
@@ -339,7 +417,15 @@ class ChatRequest(BaseModel):
 
 # --- errors to HTTP, in one place --------------------------------------------------------------
 
+
+class ModelNotFound(errors.BadRequest):
+    """A request names a model this server does not serve."""
+
+    code = "model_not_found"
+
+
 STATUS = {
+    ModelNotFound: 404,
     errors.PayloadTooLarge: 413,
     errors.BadRequest: 422,
     errors.Overloaded: 429,
@@ -350,10 +436,29 @@ STATUS = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+#: TEI's ``error_type`` of a status (TEI: Validation 413, Tokenizer 422, Overloaded 429, Unhealthy 503).
+TEI_ERROR_TYPES = {429: "Overloaded", 503: "Unhealthy"}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
+    param: str | None = None,
+) -> JSONResponse:
+    """An error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``), or in TEI's
+    (``{"error": "...", "error_type": "..."}``) on TEI's routes."""
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 3] + "..."
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    if path in TEI_ROUTES or path == "/":
+        kind = TEI_ERROR_TYPES.get(status, "Backend" if status >= 500 else "Validation")
+        return JSONResponse({"error": message, "error_type": kind}, status_code=status, headers=headers)
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def status_for(exc: errors.ShmModelError) -> int:
@@ -371,8 +476,8 @@ class BodyRefused(HTTPException):
         super().__init__(status_code=status, detail=message)
         self.code, self.message = code, message
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status_code, self.code, self.message)
+    def response(self, path: str) -> JSONResponse:
+        return error_response(self.status_code, self.code, self.message, path=path)
 
 
 class BodyLimit:
@@ -395,7 +500,7 @@ class BodyLimit:
         too_large = BodyRefused(413, "payload_too_large", f"the body is over {limit} bytes")
         for name, value in scope.get("headers") or []:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                await too_large.response()(scope, _no_body, send)
+                await too_large.response(scope["path"])(scope, _no_body, send)
                 return
         received = 0
         complete = False
@@ -429,7 +534,7 @@ class BodyLimit:
         except BodyRefused as exc:
             if started:
                 raise
-            await exc.response()(scope, _no_body, send)
+            await exc.response(scope["path"])(scope, _no_body, send)
 
 
 async def _no_body() -> dict[str, Any]:
@@ -463,18 +568,20 @@ class Guard:
 
     def refusal(self, scope: dict[str, Any]) -> JSONResponse | None:
         headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        path = scope["path"]
         if scope["method"] not in self.SAFE:
             if headers.get(b"sec-fetch-site", b"").lower() == b"cross-site":
-                return error_response(403, "forbidden", "cross-site requests are refused")
+                return error_response(403, "forbidden", "cross-site requests are refused", path=path)
             source = headers.get(b"origin") or headers.get(b"referer")
             if source is not None and not self._allowed(source.decode("latin-1")):
-                return error_response(403, "forbidden", "requests from another origin are refused")
-        if self.key and not scope["path"].startswith("/health/") and scope["path"] != "/":
+                return error_response(403, "forbidden", "requests from another origin are refused", path=path)
+        open_route = path == "/health" or path.startswith("/health/") or (path == "/" and scope["method"] in self.SAFE)
+        if self.key and not open_route:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 return error_response(
                     401, "unauthorized", "a valid API key is needed: Authorization: Bearer <API_KEY>",
-                    {"WWW-Authenticate": "Bearer"},
+                    {"WWW-Authenticate": "Bearer"}, path=path,
                 )  # fmt: skip
         return None
 
@@ -843,13 +950,138 @@ def llm_answer(settings: Settings, question: str, hits: list[Hit]) -> Iterator[s
                 yield delta
 
 
+# --- embeddings: names, tokenizer, per-route metrics -----------------------------------------------
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "HTTP requests answered, by route template, method and status code",
+    ["handler", "method", "status"],
+    registry=REGISTRY,
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Seconds to answer an HTTP request, by route template and method",
+    ["handler", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+
+
+def observe_http(info: RequestInfo) -> None:
+    """Count one answered request (``prometheus-fastapi-instrumentator`` calls it for each)."""
+    handler = info.modified_handler
+    HTTP_REQUESTS.labels(handler, info.method, info.modified_status).inc()
+    HTTP_LATENCY.labels(handler, info.method).observe(info.modified_duration)
+
+
+def served_names(info: dict[str, Any]) -> set[str]:
+    """Names a request may give the served model: its name (MODEL_NAME of the host: an alias, a
+    hub id or a folder), that name's last part, and its folder's name."""
+    names = {str(info.get("model") or "")}
+    names.add(os.path.basename(next(iter(names)).rstrip("/")))
+    names.add(os.path.basename(str(info.get("model_path") or "").rstrip("/")))
+    return names - {""}
+
+
+def model_card(info: dict[str, Any]) -> dict[str, Any]:
+    return {"id": str(info["model"]), "object": "model", "created": 0, "owned_by": "shm-model"}
+
+
+def load_tokenizer(folder: str) -> Any:
+    """The ``tokenizers`` tokenizer of a model folder, without its own truncation or padding."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(folder, "tokenizer.json")
+    if not folder or not os.path.isfile(path):
+        raise errors.BadRequest(f"token ids need the model's tokenizer.json; there is none in {folder or '(none)'}")
+    loaded = Tokenizer.from_file(path)
+    loaded.no_truncation()
+    loaded.no_padding()
+    return loaded
+
+
+def decode_ids(tokenizer: Any, arrays: list[list[int]], name: str) -> list[str]:
+    """Token-id inputs as texts (special tokens dropped: the model adds its own), each id checked
+    against the vocabulary and each text against the input bound."""
+    vocabulary = tokenizer.get_vocab_size(with_added_tokens=True)
+    for i, ids in enumerate(arrays):
+        if not ids:
+            raise errors.BadRequest(f"{name}[{i}] is an empty token array", param=name)
+        bad = next((t for t in ids if not 0 <= t < vocabulary), None)
+        if bad is not None:
+            raise errors.BadRequest(
+                f"{name}[{i}] has the token id {bad}, outside the model's vocabulary (0 to {vocabulary - 1})",
+                param=name,
+            )
+    texts = tokenizer.decode_batch(arrays, skip_special_tokens=True)
+    for i, text in enumerate(texts):
+        if len(text) > MAX_INPUT_CHARS:
+            raise errors.BadRequest(f"{name}[{i}] decodes to {len(text)} characters; at most {MAX_INPUT_CHARS}")
+    return texts
+
+
+def keep_last_tokens(tokenizer: Any, text: str, prompt: str, limit: int) -> str:
+    """``text`` without its first tokens, so that with ``prompt`` and the special tokens it fits in
+    ``limit`` tokens (TEI's truncation_direction=Left); the host then cuts any token that the
+    re-tokenized start of the text adds."""
+    encoding = tokenizer.encode(text)
+    content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+    room = limit - (len(encoding.ids) - len(content))
+    if prompt:
+        room -= len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+    if len(content) <= room:
+        return text
+    if room < 1:
+        raise errors.BadRequest(f"the prompt takes the model's whole length of {limit} tokens")
+    return text[encoding.offsets[content[len(content) - room]][0] :]
+
+
+def tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[dict[str, Any]]]:
+    """TEI's /tokenize answer: each text's tokens with their id, text, whether special, and their
+    character span in the text (null for a special token)."""
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+    total = sum(len(e.ids) for e in encodings)
+    if total > MAX_TOKENIZE_TOKENS:
+        raise errors.PayloadTooLarge(f"the inputs have {total} tokens; /tokenize lists at most {MAX_TOKENIZE_TOKENS}")
+    out = []
+    for text, encoding in zip(texts, encodings, strict=True):
+        tokens = []
+        for token_id, token, special, (start, stop) in zip(
+            encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets, strict=True
+        ):
+            if special:
+                tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
+            else:
+                span = {"start": start, "stop": stop}
+                tokens.append({"id": token_id, "text": text[start:stop], "special": False, **span})
+        out.append(tokens)
+    return out
+
+
+def pooling_of(folder: str) -> str:
+    """The pooling of a sentence-transformers folder (``1_Pooling/config.json``), as TEI names it."""
+    try:
+        with open(os.path.join(folder, "1_Pooling", "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return "unknown"
+    for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                      ("pooling_mode_lasttoken", "last_token")):  # fmt: skip
+        if config.get(key):
+            return name
+    return "unknown"
+
+
 # --- the app ---------------------------------------------------------------------------------------
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.load()
     state: dict[str, Any] = {}
-    admission = {name: Admission(name, settings.route_concurrency) for name in ("/v1/embeddings", "/search", "/chat")}
+    admission = {
+        name: Admission(name, settings.route_concurrency)
+        for name in ("/v1/embeddings", "/embed", "/tokenize", "/search", "/chat")
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -884,6 +1116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Guard, settings=settings)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+    # Outermost: every answer is counted, refusals by the middlewares above included.
+    Instrumentator(should_group_status_codes=False, registry=REGISTRY).add(observe_http).instrument(app)
 
     @app.exception_handler(errors.ShmModelError)
     async def shm_error(request: Request, exc: errors.ShmModelError) -> JSONResponse:
@@ -891,19 +1125,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"Retry-After": "1"} if status == 429 else None
         if status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return error_response(status, exc.code, exc.message, headers)
+        param = exc.details.get("param")
+        param = param if isinstance(param, str) else None
+        return error_response(status, exc.code, exc.message, headers, path=request.url.path, param=param)
 
     @app.exception_handler(BodyRefused)
     async def body_refused(request: Request, exc: BodyRefused) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(ModelMismatch)
     async def mismatch(request: Request, exc: ModelMismatch) -> JSONResponse:
-        return error_response(409, "model_mismatch", str(exc))
+        return error_response(409, "model_mismatch", str(exc), path=request.url.path)
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:
-        return error_response(503, "store_unavailable", str(exc))
+        return error_response(503, "store_unavailable", str(exc), path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -914,7 +1150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if len(found) > 3:
             problems += f" (and {len(found) - 3} more)"
-        return error_response(422, "bad_request", problems)
+        return error_response(422, "bad_request", problems, path=request.url.path)
 
     # --- health, status, metrics ---------------------------------------------------------
 
@@ -947,44 +1183,154 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state["manager"].host_status()  # refreshes the host's gauges
         return PlainTextResponse(generate_latest(m.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
 
-    # --- embeddings (OpenAI-compatible) --------------------------------------------------------
+    # --- embeddings: OpenAI's and TEI's routes -------------------------------------------------
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        info = model().describe()
-        return {
-            "object": "list",
-            "data": [{"id": str(info["model"]), "object": "model", "created": 0, "owned_by": "shm-model"}],
-        }
+    def served() -> dict[str, Any]:
+        return model().describe()
 
-    def embed(texts: list[str], encoding_format: str) -> JSONResponse:
-        vectors = np.asarray(model().encode(texts, normalize_embeddings=True), dtype=np.float32)
+    def tokenizer(info: dict[str, Any]) -> Any:
+        """The served model's tokenizer (``tokenizer.json`` in its folder), loaded once per folder."""
+        folder = str(info.get("model_path") or "")
+        cached = state.get("tokenizer")
+        if cached is None or cached[0] != folder:
+            cached = state["tokenizer"] = (folder, load_tokenizer(folder))
+        return cached[1]
+
+    def check_model(name: str | None, info: dict[str, Any]) -> None:
+        if name is not None and name not in served_names(info):
+            raise ModelNotFound(
+                f"the model {name[:80]!r} is not served here; this server serves {info.get('model')!r}",
+                param="model",
+            )
+
+    def check_dimensions(dimensions: int | None, info: dict[str, Any]) -> int | None:
+        dimension = int(info.get("dimension") or 0)
+        if dimensions is not None and dimensions > dimension:
+            raise errors.BadRequest(
+                f"dimensions={dimensions} is more than the dimension of {info.get('model')!r}, {dimension}",
+                param="dimensions",
+            )
+        return dimensions
+
+    def texts_of(items: Any, name: str, info: dict[str, Any]) -> list[str]:
+        """The texts of an input: strings as they are, token ids decoded by the model's tokenizer."""
+        if isinstance(items, str):
+            items = [items]
+        if not items:
+            raise errors.BadRequest(f"{name} must not be empty", param=name)
+        if _is_id(items[0]):
+            items = [items]
+        if isinstance(items[0], list):
+            items = decode_ids(tokenizer(info), items, name)
+        for i, text in enumerate(items):
+            if not text:
+                raise errors.BadRequest(f"{name}[{i}] is an empty string", param=name)
+        return items
+
+    def openai_embed(body: EmbeddingsRequest) -> JSONResponse:
+        info = served()
+        check_model(body.model, info)
+        dimensions = check_dimensions(body.dimensions, info)
+        texts = texts_of(body.input, "input", info)
+        vectors, tokens = model().encode(texts, normalize_embeddings=True, truncate_dim=dimensions, return_usage=True)
         data = []
-        for i, vector in enumerate(vectors):
-            if encoding_format == "base64":
+        for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
+            if body.encoding_format == "base64":
                 embedding: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode()
             else:
                 embedding = vector.tolist()
             data.append({"object": "embedding", "index": i, "embedding": embedding})
-        tokens = sum(len(t.encode("utf-8")) // 3 + 2 for t in texts)
         return JSONResponse(
             {
                 "object": "list",
                 "data": data,
-                "model": str(model().describe()["model"]),
+                "model": str(info["model"]),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )  # rendered here, in the thread, not on the event loop
 
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(served())]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model_by_id(model_id: str) -> dict[str, Any]:
+        info = served()
+        check_model(model_id, info)
+        return model_card(info)
+
     @app.post("/v1/embeddings", response_model=None)
     async def embeddings(body: EmbeddingsRequest) -> JSONResponse:
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise errors.BadRequest("input must not be empty")
-        for i, text in enumerate(texts):
-            if not text:
-                raise errors.BadRequest(f"input[{i}] is an empty string")
-        return await admission["/v1/embeddings"].run(embed, texts, body.encoding_format)
+        return await admission["/v1/embeddings"].run(openai_embed, body)
+
+    def tei_embed(body: EmbedRequest) -> JSONResponse:
+        info = served()
+        dimensions = check_dimensions(body.dimensions, info)
+        texts = texts_of(body.inputs, "inputs", info)
+        truncate = bool(body.truncate)
+        if truncate and body.truncation_direction.lower() == "left":
+            prompt = (info.get("prompts") or {}).get(body.prompt_name or "", "")
+            limit = int(info.get("max_seq_length") or 512)
+            texts = [keep_last_tokens(tokenizer(info), text, prompt, limit) for text in texts]
+        vectors = model().encode(
+            texts,
+            normalize_embeddings=body.normalize,
+            truncate_dim=dimensions,
+            truncate=truncate,
+            prompt_name=body.prompt_name,
+        )
+        return JSONResponse(np.asarray(vectors, dtype=np.float32).tolist())
+
+    @app.post("/embed", response_model=None)
+    async def embed(body: EmbedRequest) -> JSONResponse:
+        return await admission["/embed"].run(tei_embed, body)
+
+    @app.post("/", response_model=None)
+    async def embed_at_root(body: EmbedRequest) -> JSONResponse:
+        """TEI's root route: an embedding model embeds (``InferenceClient(base_url)`` posts here)."""
+        return await admission["/embed"].run(tei_embed, body)
+
+    def tei_tokenize(body: TokenizeRequest) -> JSONResponse:
+        info = served()
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        prompt = ""
+        if body.prompt_name is not None:
+            prompts = info.get("prompts") or {}
+            if body.prompt_name not in prompts:
+                raise errors.BadRequest(
+                    f"unknown prompt_name {body.prompt_name[:80]!r}; this model has: {', '.join(prompts) or 'none'}"
+                )
+            prompt = prompts[body.prompt_name]
+        return JSONResponse(tokenize(tokenizer(info), [prompt + t for t in texts], body.add_special_tokens))
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize_route(body: TokenizeRequest) -> JSONResponse:
+        return await admission["/tokenize"].run(tei_tokenize, body)
+
+    @app.get("/info")
+    def tei_info() -> dict[str, Any]:
+        info = served()
+        return {
+            "model_id": str(info.get("model")),
+            "model_sha": None,
+            "model_dtype": "float32",
+            "model_type": {"embedding": {"pooling": pooling_of(str(info.get("model_path") or ""))}},
+            "max_concurrent_requests": settings.route_concurrency,
+            "max_input_length": int(info.get("max_seq_length") or 0),
+            "max_client_batch_size": MAX_INPUTS,
+            "auto_truncate": False,
+            "prompts": info.get("prompts") or {},
+            "dimension": info.get("dimension"),
+            "version": app.version,
+        }
+
+    @app.get("/health", response_model=None)
+    def tei_health() -> Response:
+        try:
+            model().encode("ready", timeout=READY_TIMEOUT)
+        except errors.ShmModelError as exc:
+            return error_response(503, exc.code, f"not ready: {exc}", path="/health")
+        return Response(status_code=200)
 
     # --- search and chat -------------------------------------------------------------------------
 

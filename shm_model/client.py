@@ -31,6 +31,7 @@ from config.model_config import SETTINGS, default_socket_path
 from shm_model.errors import (
     BadRequest,
     HostUnavailable,
+    PayloadTooLarge,
     PermissionDenied,
     ProtocolError,
     RequestTimeout,
@@ -43,6 +44,7 @@ from shm_model.protocol import (
     pack,
     raise_for_reply,
     recv_frame,
+    too_long,
     validate_texts,
     vectors_from_frame,
 )
@@ -317,6 +319,9 @@ class HostClient:
         prompt: str | None = None,
         timeout: float | None = None,
         priority: str | None = None,
+        truncate_dim: int | None = None,
+        truncate: bool = True,
+        return_usage: bool = False,
     ) -> Any:
         """Embed ``sentences`` like ``SentenceTransformer.encode``.
 
@@ -329,6 +334,13 @@ class HostClient:
         ``priority`` is ``interactive`` (served first: a query) or ``bulk`` (an ingestion; it keeps a
         share of the host but waits behind queries); by default a call of at most
         ``INTERACTIVE_MAX_TEXTS`` texts is interactive and a larger one bulk.
+
+        ``truncate_dim`` keeps the first dimensions of each vector (before ``normalize_embeddings``,
+        as sentence-transformers does); more than the model has is a BadRequest. ``truncate=False``
+        refuses an input longer than the model's ``max_seq_length`` tokens (``PayloadTooLarge``
+        naming the item and its token count) instead of encoding its first tokens. With
+        ``return_usage=True`` the call returns ``(embeddings, tokens)``: the tokens the model read
+        (prompts and special tokens included, counted by the model's tokenizer).
         """
         if output_value != "sentence_embedding" or precision != "float32":
             raise BadRequest("the host returns float32 sentence embeddings only")
@@ -345,8 +357,14 @@ class HostClient:
             raise BadRequest(f"timeout must be > 0 seconds, got {timeout!r}")
         if priority is not None and priority not in PRIORITIES:
             raise BadRequest(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        if truncate_dim is not None and (
+            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1
+        ):
+            raise BadRequest(f"truncate_dim must be an integer >= 1, got {truncate_dim!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         fields: dict[str, Any] = {"priority": priority or default_priority(len(texts))}
+        if not truncate:
+            fields["truncate"] = False
         if prompt is not None:
             fields["prompt"] = prompt
         elif prompt_name is not None:
@@ -359,11 +377,23 @@ class HostClient:
 
             progress = tqdm(total=len(texts), desc="Batches", unit="text")
         result: np.ndarray | None = None
+        tokens = 0
         try:
             offset = 0
             for chunk in chunks:
                 chunk_deadline = deadline if deadline is not None else time.monotonic() + self.timeout
-                vectors = vectors_from_frame(self._request("encode", chunk_deadline, {"texts": chunk, **fields}))
+                try:
+                    frame = self._request("encode", chunk_deadline, {"texts": chunk, **fields})
+                except PayloadTooLarge as exc:
+                    index, count, limit = (exc.details.get(k) for k in ("index", "tokens", "limit"))
+                    if offset and isinstance(index, int) and isinstance(count, int) and isinstance(limit, int):
+                        raise too_long(index + offset, count, limit) from None  # the index in the whole input
+                    raise
+                vectors = vectors_from_frame(frame)
+                used = frame.header.get("tokens")
+                if return_usage and (not isinstance(used, int) or isinstance(used, bool) or used < 0):
+                    raise ProtocolError(f"the host's reply has no token count (tokens={used!r:.40})")
+                tokens += used if return_usage else 0
                 if vectors.shape[0] != len(chunk):
                     raise ProtocolError(f"host returned {vectors.shape[0]} vectors for {len(chunk)} texts")
                 if result is None:
@@ -376,20 +406,33 @@ class HostClient:
             if progress is not None:
                 progress.close()
         assert result is not None
+        if truncate_dim is not None:
+            if truncate_dim > result.shape[1]:
+                raise BadRequest(
+                    f"truncate_dim={truncate_dim} is more than the model's dimension {result.shape[1]}",
+                    truncate_dim=truncate_dim,
+                    dimension=result.shape[1],
+                )
+            result = np.ascontiguousarray(result[:, :truncate_dim])
         if normalize_embeddings and len(result):
             norms = np.linalg.norm(result, axis=1, keepdims=True)
             result = result / np.maximum(norms, 1e-12)
-        if convert_to_tensor:
-            import torch
+        embeddings = _convert(result, single, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor)
+        return (embeddings, tokens) if return_usage else embeddings
 
-            tensor = torch.from_numpy(result)
-            return tensor[0] if single else tensor
-        if not convert_to_numpy:
-            import torch
 
-            rows = [torch.from_numpy(row) for row in result]
-            return rows[0] if single else rows
-        return result[0] if single else result
+def _convert(result: np.ndarray, single: bool, *, convert_to_numpy: bool, convert_to_tensor: bool) -> Any:
+    if convert_to_tensor:
+        import torch
+
+        tensor = torch.from_numpy(result)
+        return tensor[0] if single else tensor
+    if not convert_to_numpy:
+        import torch
+
+        rows = [torch.from_numpy(row) for row in result]
+        return rows[0] if single else rows
+    return result[0] if single else result
 
 
 def _chunks(texts: list[str], size: int) -> Iterable[list[str]]:

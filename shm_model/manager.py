@@ -34,8 +34,16 @@ import numpy as np
 from config.model_config import HostConfig, ManagerConfig, ModelConfig
 from shm_model import metrics
 from shm_model.client import HostClient, check_socket_directory, trusted_uid_set, wait_for_host
-from shm_model.errors import HostUnavailable, ModelLoadError, PermissionDenied, RequestTimeout, ShmModelError
+from shm_model.errors import (
+    BadRequest,
+    HostUnavailable,
+    ModelLoadError,
+    PermissionDenied,
+    RequestTimeout,
+    ShmModelError,
+)
 from shm_model.memory import process_memory
+from shm_model.protocol import too_long
 
 log = logging.getLogger(__name__)
 
@@ -275,15 +283,38 @@ class ModelManager:
             return backend.dimension
         kwargs.pop("timeout", None)
         kwargs.pop("priority", None)  # one process, one model: nothing to order
+        truncate = kwargs.pop("truncate", True)
+        return_usage = kwargs.pop("return_usage", False)
         sentences = args[0] if args else kwargs.pop("sentences")
+        truncate_dim = kwargs.get("truncate_dim")
+        if truncate_dim is not None and not 1 <= truncate_dim <= backend.dimension:
+            raise BadRequest(
+                f"truncate_dim={truncate_dim} is not between 1 and the model's dimension {backend.dimension}",
+                truncate_dim=truncate_dim,
+                dimension=backend.dimension,
+            )
+        tokens = 0
+        if not truncate or return_usage:
+            texts = [sentences] if isinstance(sentences, str) else list(sentences)
+            prompt = kwargs.get("prompt")
+            if prompt is None and kwargs.get("prompt_name") is not None:
+                prompt = backend.prompts.get(kwargs["prompt_name"])
+            limit = backend.max_seq_length
+            counts = backend.count_tokens(texts, prompt) if texts else []
+            over = [(i, n) for i, n in enumerate(counts) if n > limit]
+            if over and not truncate:
+                raise too_long(*over[0], limit)
+            tokens = sum(min(n, limit) for n in counts)
         if (
             isinstance(sentences, list | tuple)
             and not sentences
             and not kwargs.get("convert_to_tensor")
             and kwargs.get("convert_to_numpy", True)
         ):
-            return np.empty((0, backend.dimension), dtype=np.float32)  # the host's shape for []
-        return backend.model.encode(sentences, **kwargs)
+            vectors: Any = np.empty((0, truncate_dim or backend.dimension), dtype=np.float32)  # the host's shape
+        else:
+            vectors = backend.model.encode(sentences, **kwargs)
+        return (vectors, tokens) if return_usage else vectors
 
     def _host_answers(self) -> bool:
         try:

@@ -7,8 +7,11 @@ A frame is a 12-byte prefix, a JSON header and an optional binary payload::
 The header is a UTF-8 JSON object. Requests carry ``id``, ``op`` and ``timeout_ms``
 (the deadline, relative to arrival); replies carry the same ``id`` and ``ok``. Vectors
 travel as the payload, raw little-endian float32 in row-major order, with their
-``shape`` in the header. Nothing is ever pickled. Both lengths are checked against
-a bound before anything is read.
+``shape`` in the header; a worker adds the token count of each text (``tokens``, a list),
+the host the tokens the model read for the whole request (``tokens``, an integer). An
+encode request may carry ``truncate: false``: an input longer than the model's
+``max_seq_length`` tokens is then refused (``PayloadTooLarge``) instead of cut.
+Nothing is ever pickled. Both lengths are checked against a bound before anything is read.
 
 This module imports nothing else of the project but ``errors``.
 """
@@ -276,6 +279,37 @@ def request_priority(header: dict[str, Any], count: int) -> str:
     if value not in PRIORITIES:
         raise BadRequest(f"'priority' must be one of {', '.join(PRIORITIES)}, not {str(value)[:64]!r}")
     return value
+
+
+def optional_bool(header: dict[str, Any], key: str, default: bool) -> bool:
+    value = header.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    raise BadRequest(f"'{key}' must be true, false or null, not {type(value).__name__}")
+
+
+def token_counts(header: dict[str, Any], count: int) -> list[int]:
+    """The ``tokens`` of a worker's vectors reply: one non-negative integer per text."""
+    value = header.get("tokens")
+    if (
+        not isinstance(value, list)
+        or len(value) != count
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
+    ):
+        raise ProtocolError(f"vectors reply needs 'tokens', one count per text ({count}), got {value!r:.100}")
+    return value
+
+
+def too_long(index: int, tokens: int, limit: int) -> PayloadTooLarge:
+    """The error of an input over the model's length when truncation was refused."""
+    return PayloadTooLarge(
+        f"item {index} has {tokens} tokens; the model takes at most {limit} (truncation was refused)",
+        index=index,
+        tokens=tokens,
+        limit=limit,
+    )
 
 
 def optional_str(header: dict[str, Any], key: str) -> str | None:

@@ -74,6 +74,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # estimated tokens, in ``order``
     sizes: list[int] = field(default_factory=list)  # UTF-8 bytes, in ``order``
     remaining: int = 0  # pieces not yet delivered
+    truncate: bool = True  # False: an input over the model's length fails the request
+    used_tokens: int = 0  # tokens the model read, summed as pieces are delivered
     done: bool = False
     dispatched: bool = False
     timer: Any = None

@@ -61,6 +61,7 @@ from shm_model.protocol import (
     ConnectionClosed,
     Frame,
     error_reply,
+    optional_bool,
     optional_str,
     pack,
     read_body,
@@ -71,6 +72,8 @@ from shm_model.protocol import (
     request_priority,
     request_timeout,
     result_reply,
+    token_counts,
+    too_long,
     unpack_prefix,
     validate_texts,
     vectors_from_frame,
@@ -709,13 +712,14 @@ class Supervisor:
     def _submit(self, conn: Connection, rid: Any, header: dict[str, Any]) -> None:
         texts = validate_texts(header.get("texts"))
         prompt = self._resolve_prompt(header)
+        truncate = optional_bool(header, "truncate", True)
         priority = request_priority(header, len(texts))
         timeout = min(request_timeout(header) or self.cfg.request_timeout, self.cfg.max_request_timeout)
         dim = int(self._meta["dimension"])
         self.counters["requests"] += 1
         self.counters["texts"] += len(texts)
         if not texts:
-            conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32)))
+            conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32), tokens=0))
             return
         if len(self._requests) >= self.cfg.queue_size:
             raise Overloaded(
@@ -735,6 +739,7 @@ class Supervisor:
             now,
             now + timeout,
             np.empty((len(texts), dim), dtype=np.float32),
+            truncate=truncate,
         )
         req.prepare(int(self._meta.get("max_seq_length") or 512))
         pieces = split(req, self._scheduler.limits)
@@ -772,7 +777,7 @@ class Supervisor:
 
     def _finish(self, req: Request) -> None:
         if self._close(req):
-            req.conn.send(vectors_reply(req.id, req.result))
+            req.conn.send(vectors_reply(req.id, req.result, tokens=req.used_tokens))
 
     def _fail(self, req: Request, error: ShmModelError) -> None:
         if self._close(req):
@@ -866,11 +871,12 @@ class Supervisor:
                 vectors = vectors_from_frame(frame)
                 if vectors.shape[0] != len(texts):
                     raise ProtocolError(f"worker returned shape {vectors.shape} for {len(texts)} texts")
+                tokens = token_counts(frame.header, len(texts))
             except ProtocolError as exc:
                 self._batch_failed(pieces, InternalError(str(exc)), crashed=False)
             else:
                 self._scheduler.observe(w.threads, padded, loop.time() - started)
-                self._deliver(w, pieces, vectors)
+                self._deliver(w, pieces, vectors, tokens)
         else:
             self._batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
         if w.state == "busy":
@@ -880,17 +886,27 @@ class Supervisor:
         w.threads = 0
         self._dispatch()
 
-    def _deliver(self, w: WorkerHandle, pieces: list[Piece], vectors: np.ndarray) -> None:
+    def _deliver(self, w: WorkerHandle, pieces: list[Piece], vectors: np.ndarray, tokens: list[int]) -> None:
+        """Put each piece's vectors in place; a request is answered when its last piece arrives.
+        ``tokens`` (one count per text, before truncation) sum into the request's usage, or
+        fail a request that refused truncation when one of its texts is over the length."""
+        limit = int(self._meta.get("max_seq_length") or 512)
         offset = 0
         for piece in pieces:
             req = piece.request
             rows = vectors[offset : offset + piece.count]
+            counts = tokens[offset : offset + piece.count]
             offset += piece.count
             if req.done:
                 continue
             if rows.shape[1] != req.result.shape[1]:
                 self._fail(req, HostUnavailable("the model changed while the request waited; retry it"))
                 continue
+            over = [(int(i), n) for i, n in zip(piece.indices, counts, strict=True) if n > limit]
+            if over and not req.truncate:
+                self._fail(req, too_long(*min(over), limit))
+                continue
+            req.used_tokens += sum(min(n, limit) for n in counts)
             req.result[piece.indices] = rows
             req.remaining -= 1
             if req.remaining == 0:

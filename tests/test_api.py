@@ -85,7 +85,7 @@ def test_openai_compatible_embeddings(app_for, bundled_host: Host, store_path: s
     api = app_for(bundled_host.socket, store_path)
     texts = ["서울특별시 인구", "hello world"]
     expected = host_vectors(bundled_host, texts)
-    floats = api.post("/v1/embeddings", json={"input": texts, "model": "any"}).json()
+    floats = api.post("/v1/embeddings", json={"input": texts, "model": "bundled"}).json()
     assert [d["index"] for d in floats["data"]] == [0, 1] and floats["object"] == "list"
     assert np.abs(np.array([d["embedding"] for d in floats["data"]]) - expected).max() < 1e-6
     packed = api.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
@@ -266,12 +266,12 @@ def test_the_openai_client_over_http(server: str, bundled_host: Host) -> None:
 
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
     texts = ["도서관 대출 규정", "parking fees"]
-    result = client.embeddings.create(model="any", input=texts)
+    result = client.embeddings.create(model="bundled", input=texts)
     got = np.array([d.embedding for d in result.data])
     assert np.abs(got - host_vectors(bundled_host, texts)).max() < 1e-6
     assert [m.id for m in client.models.list()] == [result.model]
     with pytest.raises(openai.UnprocessableEntityError):
-        client.embeddings.create(model="any", input=[])
+        client.embeddings.create(model="bundled", input=[])
 
 
 def chromium() -> str | None:

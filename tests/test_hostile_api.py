@@ -211,10 +211,10 @@ def test_huge_and_lying_bodies_are_refused_as_they_arrive(server: ApiUrl) -> Non
             server + "/v1/embeddings", content=within, headers={"content-type": "application/json"}, timeout=10
         )
         assert response.status_code == 422 and len(response.content) < 1000, response.content[:300]
-        assert "at most 1024" in response.json()["error"]["message"]
-    small = b'{"input": [' + b"1," * 500 + b"1]}"
-    response = httpx.post(server + "/v1/embeddings", content=small, headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "input[0] is not a string" in response.json()["error"]["message"]
+        assert "900001 token ids; at most 8192" in response.json()["error"]["message"]
+    mixed = b'{"input": [[1, 2], ' + b'"a", ' * 500 + b'"a"]}'
+    response = httpx.post(server + "/v1/embeddings", content=mixed, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "input[1] is a str" in response.json()["error"]["message"]
     assert len(response.content) < 1000
 
 
@@ -356,6 +356,10 @@ def test_an_api_key_guards_every_route_but_health_and_the_page(app_for: Any) -> 
     assert api.get("/openapi.json").status_code == 401
     assert api.get("/health/live").status_code == 200 and api.get("/health/ready").status_code == 200
     assert api.get("/").status_code == 200 and 'id="apikey"' in api.get("/").text
+    assert api.post("/", json={"inputs": "x"}).status_code == 401  # TEI's root route embeds: not the page
+    refused = api.post("/embed", json={"inputs": "x"})
+    assert refused.status_code == 401 and refused.json()["error_type"] == "Validation"
+    assert api.get("/health").status_code == 200
 
 
 def test_bad_settings_and_open_binds_exit_2_with_one_line(tmp_path: Path) -> None:

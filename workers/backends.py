@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 
 from config.model_config import BUNDLED_ALIAS, MULTILINGUAL_ALIAS, MULTILINGUAL_DIR, HostConfig, ModelConfig
 from shm_model.errors import BadRequest, ConfigError, ModelLoadError
+from shm_model.scheduling import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,11 @@ class Backend:
         """float32 vectors, one row per text."""
         raise NotImplementedError
 
+    def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
+        """Tokens of each text with its prompt and the special tokens, before any truncation
+        (the model encodes at most ``max_seq_length`` of them)."""
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
@@ -292,6 +299,18 @@ class SentenceTransformerBackend(Backend):
             )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
+    def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
+        # The tokenizer the model's first module uses, without its truncation (a Rust call, no torch).
+        encoded = self.model.tokenizer(
+            [(prompt or "") + t for t in texts],
+            add_special_tokens=True,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        return [len(ids) for ids in encoded["input_ids"]]
+
 
 class DummyBackend(Backend):
     """Deterministic hash vectors with no model: fast tests and transport benchmarks.
@@ -336,6 +355,10 @@ class DummyBackend(Backend):
         for i, text in enumerate(texts):
             out[i] = self.threads if text == "__threads__" else self.vector((prompt or "") + text, self.dimension)
         return out
+
+    def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
+        """As the host estimates them: about 3 UTF-8 bytes a token, plus 2 special tokens."""
+        return [estimate_tokens((prompt or "") + t, sys.maxsize) for t in texts]
 
 
 def load_backend(model_cfg: ModelConfig, host_cfg: HostConfig, *, place: bool = True) -> Backend:

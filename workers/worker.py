@@ -129,7 +129,8 @@ class Worker:
                 self.backend.set_threads(threads)  # type: ignore[union-attr]
                 self.threads = threads
             vectors = self.backend.encode(texts, header.get("prompt"))  # type: ignore[union-attr]
-            return vectors_reply(batch_id, vectors)
+            tokens = self.backend.count_tokens(texts, header.get("prompt"))  # type: ignore[union-attr]
+            return vectors_reply(batch_id, vectors, tokens=tokens)
         except ShmModelError as exc:
             return error_reply(batch_id, exc)
         except Exception as exc:
