@@ -147,17 +147,60 @@ def split(request: Request, limits: BatchLimits) -> list[Piece]:
     return pieces
 
 
+#: Seconds after batches last overlapped during which each batch gets only its fair share of cores.
+OVERLAP_WINDOW = 2.0
+
+
 def share_cores(free: int, idle_workers: int, waiting_pieces: int) -> int:
     """Intra-op threads for the next batch, from the cores that no busy worker holds.
 
     A lone batch gets them all; when more pieces wait than this batch may take and other
     workers are idle, the free cores are shared out so that those workers get some too.
-    The caller gives the batch every free core after all if nothing waits once it is taken.
     """
     if free < 1:
         return 0
     ways = min(idle_workers, free) if waiting_pieces > 1 else 1
     return max(1, free // max(1, ways))
+
+
+class CoreShare:
+    """How many intra-op threads each batch gets, never more than the cores no busy batch holds.
+
+    While the host is quiet a lone batch gets every free core (a single query runs on all of
+    them). Once interactive batches overlap (one starts while another runs, or one has to wait
+    for cores that a lone batch took) the host is busy, and until ``window`` seconds after the
+    last overlap every batch gets its fair share, cores // workers, so that requests arriving
+    one after another run side by side instead of queueing for cores.
+
+    Bulk batches run one at a time on every free core: a batch on all cores ends sooner than
+    two side by side on one core each, so an interactive request waits less for a core.
+    """
+
+    def __init__(self, cores: int, workers: int, *, window: float = OVERLAP_WINDOW) -> None:
+        self.cores = cores
+        self.fair = max(1, cores // max(1, workers))
+        self.window = window
+        self.busy_until = float("-inf")
+
+    def threads(self, now: float, held: int, busy_workers: int, idle_workers: int, waiting_pieces: int) -> int:
+        """Threads for the next interactive batch (0: wait for a core).
+
+        ``held`` is the threads of busy batches, ``busy_workers`` the interactive ones among them.
+        """
+        free = self.cores - held
+        if busy_workers:  # interactive batches overlap; cores held by bulk work do not count
+            self.busy_until = now + self.window
+        threads = share_cores(free, idle_workers, waiting_pieces)
+        return min(threads, self.fair) if now < self.busy_until else threads
+
+    def bulk(self, held: int, bulk_running: bool) -> int:
+        """Threads for the next bulk batch: every free core, and none while another bulk batch runs."""
+        return 0 if bulk_running else max(0, self.cores - held)
+
+    def last(self, now: float, held: int) -> int:
+        """Threads for a batch after which nothing waits: every free core while the host is quiet."""
+        free = max(1, self.cores - held)
+        return min(free, self.fair) if now < self.busy_until else free
 
 
 class _ClassQueue:
@@ -221,6 +264,7 @@ class ClassStats:
     """What a class has been through, for ``status`` and metrics."""
 
     waits: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=WAITS_KEPT))
+    batch_seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=WAITS_KEPT))
     requests: int = 0
     batches: int = 0
     texts: int = 0
@@ -271,8 +315,15 @@ class Scheduler:
 
     # --- state ---------------------------------------------------------------------------
 
-    def pending(self) -> bool:
+    def pending(self, priority: str | None = None) -> bool:
+        if priority is not None:
+            return bool(self.queues[priority])
         return any(self.queues.values())
+
+    def next_priority(self) -> str | None:
+        """The class the next batch will come from (None when nothing waits)."""
+        active = [p for p in PRIORITIES if self.queues[p]]
+        return min(active, key=lambda p: (self.vtime[p], PRIORITIES.index(p))) if active else None
 
     def queued_pieces(self) -> int:
         return sum(q.pieces for q in self.queues.values())
@@ -287,8 +338,10 @@ class Scheduler:
 
     # --- batches ---------------------------------------------------------------------------
 
-    def observe(self, threads: int, padded_tokens: int, seconds: float) -> None:
+    def observe(self, threads: int, padded_tokens: int, seconds: float, priority: str | None = None) -> None:
         """Learn how long a batch of this many padded tokens takes at this thread count."""
+        if priority is not None:
+            self.stats[priority].batch_seconds.append(seconds)
         if padded_tokens <= 0 or seconds <= 0:
             return
         rate = seconds / padded_tokens
@@ -310,10 +363,9 @@ class Scheduler:
     def take(self, now: float, threads: int = 1) -> list[Piece]:
         """The next batch: pieces of one class and one prompt, within the limits."""
         while True:
-            active = [p for p in PRIORITIES if self.queues[p]]
-            if not active:
+            priority = self.next_priority()
+            if priority is None:
                 return []
-            priority = min(active, key=lambda p: (self.vtime[p], PRIORITIES.index(p)))
             batch = self._fill(self.queues[priority], now, self.token_budget(priority, threads))
             if batch:
                 break

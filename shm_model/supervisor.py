@@ -79,7 +79,7 @@ from shm_model.protocol import (
     vectors_from_frame,
     vectors_reply,
 )
-from shm_model.scheduling import PRIORITIES, BatchLimits, Piece, Request, Scheduler, share_cores, split
+from shm_model.scheduling import PRIORITIES, BatchLimits, CoreShare, Piece, Request, Scheduler, split
 from workers.backends import Backend, load_backend
 from workers.worker import WORKER_BOOT_ERROR, Worker, channel_frame_limit, run_forked
 
@@ -120,6 +120,7 @@ class WorkerHandle:
     state: str = "starting"  # starting | idle | busy | retiring | dead
     batch: list[Piece] | None = None
     threads: int = 0  # intra-op threads of the batch it runs
+    priority: str = ""  # class of the batch it runs
     watchdog: asyncio.TimerHandle | None = None
     aborted: bool = False
     requests_served: int = 0
@@ -208,6 +209,7 @@ class Supervisor:
         self._generation = 0
         self._workers: dict[int, WorkerHandle] = {}
         self._cores = _cores()
+        self._core_share = CoreShare(self._cores, 1)
         self._scheduler = Scheduler(
             BatchLimits(
                 max_texts=host_cfg.max_batch_size,
@@ -253,6 +255,7 @@ class Supervisor:
             self._start_method = self.cfg.resolved_start_method(self._device)
             self._worker_count = self.cfg.worker_count(self._device)
             self._threads = self.cfg.threads_for(self._worker_count, self._cores)
+            self._core_share = CoreShare(self._cores, self._worker_count)
             if self._worker_count * self._threads > self._cores:
                 log.warning(
                     "%d workers x %d threads exceeds %d cores; expect contention",
@@ -797,27 +800,37 @@ class Supervisor:
     def _dispatch(self) -> None:
         """Hand batches to idle workers of the serving generation, while there are cores for them.
 
-        With threads on auto, a batch gets the cores no busy worker holds: all of them for a lone
-        batch; shared out when more batches wait for more idle workers. A batch never starts on
-        cores another batch holds, so threads never outnumber cores.
+        With threads on auto, a batch gets the cores no busy worker holds (``CoreShare``): all of
+        them for a lone batch on a quiet host, a fair share on a busy one. A batch never starts
+        on cores another batch holds, so threads never outnumber cores.
         """
+        loop = asyncio.get_running_loop()
         while self._scheduler.pending():
             idle = [w for w in self._workers.values() if w.state == "idle" and w.generation == self._generation]
             if not idle:
                 return
-            threads = free = self._threads
+            busy = [w for w in self._workers.values() if w.state == "busy"]
+            held = sum(w.threads for w in busy)
+            priority = self._scheduler.next_priority()
+            threads = self._threads
             if self._dynamic_threads():
-                free = self._cores - sum(w.threads for w in self._workers.values() if w.state == "busy")
-                threads = share_cores(free, len(idle), self._scheduler.queued_pieces())
+                if priority == "bulk":
+                    threads = self._core_share.bulk(held, any(w.priority == "bulk" for w in busy))
+                else:
+                    interactive = sum(1 for w in busy if w.priority != "bulk")
+                    threads = self._core_share.threads(
+                        loop.time(), held, interactive, len(idle), self._scheduler.queued_pieces()
+                    )
                 if threads < 1:
-                    return  # every core is held: the next batch starts when one is released
-            pieces = self._scheduler.take(asyncio.get_running_loop().time(), threads)
+                    return  # the cores are held: the next batch starts when one is released
+            pieces = self._scheduler.take(loop.time(), threads)
             if not pieces:
                 return
-            if self._dynamic_threads() and not self._scheduler.pending():
-                threads = free  # nothing else waits: this batch gets every free core
+            batch_priority = pieces[0].request.priority
+            if self._dynamic_threads() and batch_priority != "bulk" and not self._scheduler.pending(batch_priority):
+                threads = self._core_share.last(loop.time(), held)
             worker = idle[0]
-            worker.state, worker.batch, worker.threads = "busy", pieces, threads
+            worker.state, worker.batch, worker.threads, worker.priority = "busy", pieces, threads, batch_priority
             self._background(self._run_batch(worker, pieces))
 
     async def _run_batch(self, w: WorkerHandle, pieces: list[Piece]) -> None:
@@ -875,7 +888,7 @@ class Supervisor:
             except ProtocolError as exc:
                 self._batch_failed(pieces, InternalError(str(exc)), crashed=False)
             else:
-                self._scheduler.observe(w.threads, padded, loop.time() - started)
+                self._scheduler.observe(w.threads, padded, loop.time() - started, pieces[0].request.priority)
                 self._deliver(w, pieces, vectors, tokens)
         else:
             self._batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
@@ -1107,6 +1120,7 @@ class Supervisor:
         for priority in PRIORITIES:
             stats = scheduler.stats[priority]
             waits = np.asarray(stats.waits, dtype=np.float64) * 1000.0
+            batch_ms = np.asarray(stats.batch_seconds, dtype=np.float64) * 1000.0
             report[priority] = {
                 **depth[priority],
                 "served_requests": stats.requests,
@@ -1118,6 +1132,12 @@ class Supervisor:
                     "p99": round(float(np.percentile(waits, 99)), 3) if waits.size else None,
                     "max": round(float(waits.max()), 3) if waits.size else None,
                     "samples": int(waits.size),
+                },
+                "batch_ms": {
+                    "p50": round(float(np.percentile(batch_ms, 50)), 3) if batch_ms.size else None,
+                    "p99": round(float(np.percentile(batch_ms, 99)), 3) if batch_ms.size else None,
+                    "max": round(float(batch_ms.max()), 3) if batch_ms.size else None,
+                    "samples": int(batch_ms.size),
                 },
             }
         report["bulk_batch_ms"] = self.cfg.bulk_batch_ms
