@@ -172,8 +172,10 @@ class CoreShare:
     last overlap every batch gets its fair share, cores // workers, so that requests arriving
     one after another run side by side instead of queueing for cores.
 
-    Bulk batches run one at a time on every free core: a batch on all cores ends sooner than
-    two side by side on one core each, so an interactive request waits less for a core.
+    When even one bulk text takes longer than a bulk batch may (a large model), bulk batches
+    run one at a time on every free core: a batch on all cores ends sooner than two side by
+    side on one core each, so an interactive request waits less for a core. Otherwise bulk
+    batches share the cores like any others, which keeps more of their throughput.
     """
 
     def __init__(self, cores: int, workers: int, *, window: float = OVERLAP_WINDOW) -> None:
@@ -319,6 +321,15 @@ class Scheduler:
         if priority is not None:
             return bool(self.queues[priority])
         return any(self.queues.values())
+
+    def bulk_text_over_budget(self) -> bool:
+        """Whether the next bulk text alone takes longer than a bulk batch may (at one thread)."""
+        queue = self.queues["bulk"]
+        budget = self.token_budget("bulk", 1)
+        if not queue or budget is None:
+            return False
+        head = next(iter(queue.clients.values()))[0]
+        return head.longest > budget
 
     def next_priority(self) -> str | None:
         """The class the next batch will come from (None when nothing waits)."""

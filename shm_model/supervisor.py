@@ -814,7 +814,7 @@ class Supervisor:
             priority = self._scheduler.next_priority()
             threads = self._threads
             if self._dynamic_threads():
-                if priority == "bulk":
+                if priority == "bulk" and self._scheduler.bulk_text_over_budget():
                     threads = self._core_share.bulk(held, any(w.priority == "bulk" for w in busy))
                 else:
                     interactive = sum(1 for w in busy if w.priority != "bulk")

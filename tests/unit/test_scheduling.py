@@ -250,3 +250,17 @@ def test_a_quiet_host_gives_a_lone_batch_every_core_a_busy_one_a_fair_share() ->
     assert share.threads(2.9, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 1
     assert share.threads(3.1, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 2
     assert share.last(3.1, held=0) == 2
+
+
+def test_bulk_texts_over_the_budget_are_told_apart() -> None:
+    s = Scheduler(LIMITS, bulk_batch_seconds=0.1)
+    submit(s, request(["가" * 300] * 4, priority="bulk"))  # 128 tokens each (the cap)
+    assert not s.bulk_text_over_budget()  # nothing measured yet
+    s.observe(1, 1000, 0.5)  # 200 tokens fit the budget: one text does
+    assert not s.bulk_text_over_budget()
+    s.observe(1, 100, 0.5)  # now a text takes longer than a batch may
+    assert s.bulk_text_over_budget()
+    share = CoreShare(cores=2, workers=2)
+    assert share.bulk(held=0, bulk_running=False) == 2
+    assert share.bulk(held=1, bulk_running=False) == 1
+    assert share.bulk(held=2, bulk_running=True) == 0
