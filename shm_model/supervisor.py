@@ -755,9 +755,8 @@ class Supervisor:
     def _abandon(self, conn: Connection) -> None:
         """Drop the queued work of a client that went away: nobody would read its vectors."""
         for req in list(conn.requests):
-            if not req.dispatched:
+            if self._close(req):
                 self.counters["abandoned"] += 1
-            self._close(req)
 
     def _expire(self, req: Request) -> None:
         if req.done:
