@@ -60,6 +60,7 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from config.model_config import parse_bool, parse_int, parse_seconds
 from shm_model import errors
 from shm_model.manager import ModelManager
 from shm_model.metrics import REGISTRY
@@ -104,33 +105,9 @@ LOOPBACK_NAMES = ("localhost",)
 # --- settings ------------------------------------------------------------------------------------
 
 
-def _positive_int(env: str, raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: an integer >= 1")
-    return value
-
-
-def _seconds(env: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: a number of seconds > 0")
-    return value
-
-
-def _bool(env: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: true, false, 1, 0")
+_positive_int = parse_int(1)
+_seconds = parse_seconds
+_bool = parse_bool
 
 
 def _text(env: str, raw: str) -> str:

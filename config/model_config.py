@@ -321,6 +321,12 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+#: The value parsers, for other settings of the project (the API's, the document processor's).
+parse_int = _int
+parse_seconds = _seconds
+parse_bool = _bool
+
+
 def _read(cls: type, env: Mapping[str, str] | None) -> dict[str, Any]:
     env = os.environ if env is None else env
     names = {f.name for f in fields(cls)}

@@ -13,13 +13,12 @@ environment by ``load()``); the others are constants far above any real document
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from shm_model.errors import ConfigError
+from config.model_config import parse_int, parse_seconds
 
 #: A cell spans at most this many rows or columns (HTML's own maximum for colspan).
 MAX_SPAN = 1000
@@ -40,41 +39,18 @@ MAX_PAGE_CONTENT_BYTES = 32 << 20
 MAX_PAGE_OBJECTS = 100_000
 
 
-def _int(minimum: int) -> Callable[[str, str], int]:
-    def parse(env: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise ConfigError(f"{env}={raw!r} is invalid; allowed values: an integer >= {minimum}")
-        return value
-
-    return parse
-
-
-def _seconds(env: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: a number of seconds > 0")
-    return value
-
-
 #: field -> (environment variable, parser, help)
 SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "max_memory_mb": (
         "RAG_MAX_MEMORY_MB",
-        _int(16),
+        parse_int(16),
         "MB of address space a parse may add to the parser process",
     ),
-    "file_timeout": ("RAG_FILE_TIMEOUT", _seconds, "seconds a parse may take"),
-    "max_table_cells": ("RAG_MAX_TABLE_CELLS", _int(1), "cells a table may have, spans and merged cells included"),
+    "file_timeout": ("RAG_FILE_TIMEOUT", parse_seconds, "seconds a parse may take"),
+    "max_table_cells": ("RAG_MAX_TABLE_CELLS", parse_int(1), "cells a table may have, spans and merged cells included"),
     "max_document_chars": (
         "RAG_MAX_DOCUMENT_CHARS",
-        _int(1),
+        parse_int(1),
         "characters of text and cells a document may have",
     ),
 }
