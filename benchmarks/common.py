@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,3 +93,44 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_results(
+    base: str,
+    results: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], str], str | None],
+) -> None:
+    """Write ``base``.json, .md and .png (the plot says why when it cannot draw)."""
+    import json
+
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    with open(base + ".json", "w") as fh:
+        json.dump(results, fh, indent=1, default=float)
+    with open(base + ".md", "w") as fh:
+        fh.write(markdown(results))
+    problem = plot(results, base + ".png")
+    if problem:
+        progress(f"no plot: {problem}")
+    progress(f"wrote {base}.json, .md{'' if problem else ', .png'}")
+
+
+def main(doc: str | None, plans: Mapping[str, Any], run: Callable[[Any, str], object], argv: list[str] | None) -> int:
+    """The benchmarks' command line: one of --tiny/--quick/--full (quick by default) and --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    for mode in plans:
+        group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=f"{mode} mode")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        run(plans[args.mode or "quick"], args.out)
+    except KeyboardInterrupt:
+        progress("interrupted; ending every process started")
+        return 130
+    finally:
+        end_all()
+    return 0

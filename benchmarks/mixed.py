@@ -14,7 +14,6 @@ ingestion).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,8 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks import memory
-from benchmarks.common import ROOT, bench_env, end, end_all, host, percentile, progress, spawn
+from benchmarks import common, memory
+from benchmarks.common import bench_env, end, host, percentile, progress, spawn
 from shm_model.client import HostClient
 
 QUERIES = [
@@ -269,35 +268,12 @@ def run(plan: Plan, out_dir: str) -> dict[str, Any]:
         "runs": plan.runs,
         "models": {name: run_model(plan, name) for name in plan.models},
     }
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"mixed-{plan.mode}")
-    with open(base + ".json", "w") as fh:
-        json.dump(results, fh, indent=1, default=float)
-    with open(base + ".md", "w") as fh:
-        fh.write(markdown(results))
-    problem = plot(results, base + ".png")
-    if problem:
-        progress(f"no plot: {problem}")
-    progress(f"wrote {base}.json, .md{'' if problem else ', .png'}")
+    common.write_results(os.path.join(out_dir, f"mixed-{plan.mode}"), results, markdown, plot)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    for mode in PLANS:
-        group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=f"{mode} mode")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        run(PLANS[args.mode or "quick"], args.out)
-    except KeyboardInterrupt:
-        progress("interrupted; ending every process started")
-        return 130
-    finally:
-        end_all()
-    return 0
+    return common.main(__doc__, PLANS, run, argv)
 
 
 if __name__ == "__main__":

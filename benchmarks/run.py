@@ -16,7 +16,6 @@ with what it measures, the same for every system.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -30,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import memory
-from benchmarks.common import ROOT, bench_env, end, end_all, host, model_location, percentile, progress, spawn
+from benchmarks import common, memory
+from benchmarks.common import ROOT, bench_env, end, host, model_location, percentile, progress, spawn
 from shm_model.client import HostClient
 
 SENTENCES = [
@@ -570,36 +569,12 @@ def run(plan: Plan, out_dir: str) -> dict[str, Any]:
         per["concurrency"] = bench_concurrency(plan, name, model)
         results["models"][name] = per
     results["transport"] = bench_transport(plan)
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, plan.mode)
-    with open(base + ".json", "w") as fh:
-        json.dump(results, fh, indent=2, default=float)
-    with open(base + ".md", "w") as fh:
-        fh.write(markdown(results))
-    problem = plot(results, base + ".png")
-    if problem:
-        progress(f"no plot: {problem}")
-    progress(f"wrote {base}.json, .md{'' if problem else ', .png'}")
+    common.write_results(os.path.join(out_dir, plan.mode), results, markdown, plot)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    for mode in PLANS:
-        group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=f"{mode} mode")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
-    args = parser.parse_args(argv)
-    plan = PLANS[args.mode or "quick"]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        run(plan, args.out)
-    except KeyboardInterrupt:
-        progress("interrupted; ending every process started")
-        return 130
-    finally:
-        end_all()
-    return 0
+    return common.main(__doc__, PLANS, run, argv)
 
 
 if __name__ == "__main__":

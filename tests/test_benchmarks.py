@@ -44,3 +44,23 @@ def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
     assert "### Memory" in report and "| host (dynamic batching) | 2 |" in report
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
     assert "ending every process" not in proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_tiny_mixed_load_run_reports_queries_during_an_ingestion(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mixed", "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "mixed-tiny.json").read_text())
+    run = results["models"]["bundled"]["runs"][0]
+    assert run["idle_p50_ms"] > 0 and run["bulk_alone_passages_per_s"] > 0
+    assert run["mixed"]["queries"] > 0 and run["mixed"]["bulk"]["passages"] == 64
+    assert run["queries_as_bulk"]["queries"] > 0 and run["bulk_batch_ms"] > 0
+    assert "| bundled | 64 |" in (tmp_path / "mixed-tiny.md").read_text()
+    assert (tmp_path / "mixed-tiny.png").stat().st_size > 10_000
