@@ -95,6 +95,18 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def results_header(module: str, mode: str) -> dict[str, Any]:
+    """What every results file starts with: mode, machine, the command that made it, when."""
+    import platform
+
+    return {
+        "mode": mode,
+        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": f"python -m {module} --{mode}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
 def write_results(
     base: str,
     results: dict[str, Any],

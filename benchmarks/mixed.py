@@ -258,13 +258,8 @@ def plot(results: dict[str, Any], path: str) -> str | None:
 
 
 def run(plan: Plan, out_dir: str) -> dict[str, Any]:
-    import platform
-
     results: dict[str, Any] = {
-        "mode": plan.mode,
-        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
-        "command": f"python -m benchmarks.mixed --{plan.mode}",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **common.results_header("benchmarks.mixed", plan.mode),
         "runs": plan.runs,
         "models": {name: run_model(plan, name) for name in plan.models},
     }

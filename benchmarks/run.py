@@ -550,13 +550,8 @@ def plot(results: dict[str, Any], path: str) -> str | None:
 
 
 def run(plan: Plan, out_dir: str) -> dict[str, Any]:
-    import platform
-
     results: dict[str, Any] = {
-        "mode": plan.mode,
-        "machine": f"{_cores()} cores, {platform.python_version()}",
-        "command": f"python -m benchmarks.run --{plan.mode}",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **common.results_header("benchmarks.run", plan.mode),
         "models": {},
     }
     for name in plan.models:

@@ -12,10 +12,10 @@ import pytest
 from tests.conftest import ROOT, base_env
 
 
-@pytest.mark.timeout(600)
-def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
+def run_tiny(module: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE --tiny --out OUT``; fails the test with its stderr if it does not exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--tiny", "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "--tiny", "--out", str(out)],
         cwd=ROOT,
         env=base_env(),
         capture_output=True,
@@ -23,6 +23,12 @@ def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.timeout(600)
+def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
+    proc = run_tiny("benchmarks.run", tmp_path)
     results = json.loads((tmp_path / "tiny.json").read_text())
     bundled = results["models"]["bundled"]
     memory = bundled["memory"]
@@ -48,15 +54,7 @@ def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_tiny_mixed_load_run_reports_queries_during_an_ingestion(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mixed", "--tiny", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_tiny("benchmarks.mixed", tmp_path)
     results = json.loads((tmp_path / "mixed-tiny.json").read_text())
     run = results["models"]["bundled"]["runs"][0]
     assert run["idle_p50_ms"] > 0 and run["bulk_alone_passages_per_s"] > 0
