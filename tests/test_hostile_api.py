@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 import api_server
 from benchmarks.common import percentile
 from shm_model.manager import ModelManager
+from tablerag import answers
 from tests.conftest import ROOT, ApiUrl, Host, base_env, launch, poll
 from tests.conftest import api_server as run_api_server
 
@@ -417,15 +418,15 @@ def test_search_and_chat_responses_are_bounded(server: ApiUrl, tmp_path: Path) -
     assert httpx.post(server + "/search", json={"query": "지역0001", "k": 1}, timeout=30).status_code == 200
     with attack(server, "/search k=50 on a 3,000-row table") as figures:
         found = httpx.post(server + "/search", json={"query": "지역0042 설명", "k": 50, "mode": "bm25"}, timeout=10)
-    assert found.status_code == 200 and len(found.content) <= api_server.MAX_RESPONSE_BYTES + 1000
+    assert found.status_code == 200 and len(found.content) <= answers.MAX_RESPONSE_BYTES + 1000
     figures["response_bytes"] = len(found.content)
     results = found.json()["results"]
-    assert results and all(len((r["table"] or "").encode()) <= api_server.MAX_TABLE_BYTES for r in results)
+    assert results and all(len((r["table"] or "").encode()) <= answers.MAX_TABLE_BYTES for r in results)
     top = results[0]
     assert top["row"]["지역"] == "지역0042" and top["table_truncated"] and "| 지역0042 |" in top["table"]
     with attack(server, "/chat k=20 on a 3,000-row table") as figures:
         answer = httpx.post(server + "/chat", json={"question": "지역0042 설명", "k": 20, "mode": "bm25"}, timeout=10)
-    assert answer.status_code == 200 and len(answer.content) <= api_server.MAX_RESPONSE_BYTES + 10_000
+    assert answer.status_code == 200 and len(answer.content) <= answers.MAX_RESPONSE_BYTES + 10_000
     figures["response_bytes"] = len(answer.content)
 
 
@@ -433,12 +434,12 @@ def test_bounded_table_keeps_the_rows_around_the_hit() -> None:
     header = "| 키 | 값 |\n|---|---|\n"
     markdown = header + "\n".join(f"| k{i} | {'v' * 50} |" for i in range(1000))
     small = header + "| k1 | v |"
-    assert api_server.bounded_table(small, {"키": "k1"}) == (small, False)
-    table, cut = api_server.bounded_table(markdown, {"키": "k500", "값": "v" * 50}, limit=1000)
+    assert answers.bounded_table(small, {"키": "k1"}) == (small, False)
+    table, cut = answers.bounded_table(markdown, {"키": "k500", "값": "v" * 50}, limit=1000)
     assert cut and table is not None and len(table.encode()) <= 1000 and table.startswith(header)
     lines = table.split("\n")[2:]
     assert "| k500 |" in table and abs(len(lines) // 2 - next(i for i, x in enumerate(lines) if "k500 " in x)) <= 1
-    assert api_server.bounded_table(markdown, {"키": "missing"}, limit=1000) == (None, True)
+    assert answers.bounded_table(markdown, {"키": "missing"}, limit=1000) == (None, True)
 
 
 def test_long_names_are_cut_by_bytes_on_a_character_boundary() -> None:
