@@ -28,6 +28,8 @@ START_METHODS = ("auto", "fork", "spawn")
 BACKENDS = ("sentence-transformers", "dummy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("auto", "shared", "local")
+RELOAD_MODES = ("auto", "overlap", "swap")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,31 @@ def _fraction(env: str, raw: str) -> float:
         value = float("nan")
     if not 0.0 < value < 1.0:
         raise ConfigError(f"{env}={raw!r} is invalid; allowed values: a number between 0 and 1 (exclusive)")
+    return value
+
+
+def _bytes(env: str, raw: str) -> int | None:
+    """Bytes, with an optional binary suffix (``512M``, ``2G``, ``1.5g``); ``auto`` is None."""
+    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    if text == "auto":
+        return None
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        value = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        value = float("nan")
+    if not 1 << 20 <= value < 1 << 60:
+        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: bytes >= 1M (suffix K, M, G or T) or 'auto'")
+    return int(value)
+
+
+def _percent(env: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 100.0:
+        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: a percentage above 0, at most 100")
     return value
 
 
@@ -318,6 +345,77 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds a client may take to send the rest of a request frame it started; then it is disconnected",
         _seconds,
     ),
+    Setting(
+        "SHM_MODEL_RELOAD",
+        "reload",
+        "auto",
+        "how a reload replaces the model: overlap starts the new workers before the old ones retire (two "
+        "generations in memory; refused, naming the bytes, when they do not fit); swap releases the old generation "
+        "first (requests wait in the queue meanwhile); auto overlaps when it fits and swaps otherwise",
+        _choice(RELOAD_MODES),
+        RELOAD_MODES,
+    ),
+    Setting(
+        "SHM_MODEL_MEMORY_LIMIT",
+        "memory_limit",
+        "auto",
+        "memory (PSS of the host's processes) the host keeps itself under, e.g. 4G: loads and reloads that do not "
+        "fit are refused or swapped, and it degrades near it; auto = the cgroup's limit and the RAM available only",
+        _bytes,
+    ),
+    Setting(
+        "SHM_MODEL_CGROUP",
+        "cgroup",
+        "auto",
+        "cgroup directory whose memory files (v2 memory.max, memory.current, memory.events, memory.pressure; v1 "
+        "memory.limit_in_bytes, memory.usage_in_bytes, memory.oom_control) the host reads; auto = its own, from "
+        "/proc/self/cgroup",
+        _text,
+    ),
+    Setting(
+        "SHM_MODEL_MEMORY_LOW",
+        "memory_low",
+        "0.1",
+        "the host degrades (half the workers, a quarter of SHM_MODEL_MAX_BATCH_TOKENS and of SHM_MODEL_QUEUE_SIZE) "
+        "when free memory is below this share of its ceiling (RAM, cgroup limit, SHM_MODEL_MEMORY_LIMIT), and "
+        "restores when it is above twice the share",
+        _fraction,
+    ),
+    Setting(
+        "SHM_MODEL_PSI_THRESHOLD",
+        "psi_threshold",
+        "10",
+        "the host degrades while memory PSI 'some avg10' (percent of time tasks waited for memory) is above this",
+        _percent,
+    ),
+    Setting(
+        "SHM_MODEL_PRESSURE_HOLD",
+        "pressure_hold",
+        "30",
+        "seconds without memory pressure before a degraded host restores its workers and batch sizes",
+        _seconds,
+    ),
+    Setting(
+        "SHM_MODEL_PRESSURE_INTERVAL",
+        "pressure_interval",
+        "1",
+        "seconds between two looks at memory (available, cgroup, PSI, OOM kills)",
+        _seconds,
+    ),
+    Setting(
+        "SHM_MODEL_DEGRADED_ERROR_RATE",
+        "degraded_error_rate",
+        "0.05",
+        "status says degraded when more than this share of the last minute's requests failed",
+        _fraction,
+    ),
+    Setting(
+        "SHM_MODEL_DEGRADED_P99_MS",
+        "degraded_p99_ms",
+        "2000",
+        "status says degraded when the last minute's p99 latency (admission to reply) is above this, in ms",
+        _int(1),
+    ),
 )
 
 
@@ -387,6 +485,15 @@ class HostConfig:
     max_connections: int = 256
     max_buffered_bytes: int | None = None
     frame_timeout: float = 30.0
+    reload: str = "auto"
+    memory_limit: int | None = None
+    cgroup: str = "auto"
+    memory_low: float = 0.1
+    psi_threshold: float = 10.0
+    pressure_hold: float = 30.0
+    pressure_interval: float = 1.0
+    degraded_error_rate: float = 0.05
+    degraded_p99_ms: int = 2000
 
     def __post_init__(self) -> None:
         if self.request_timeout > self.max_request_timeout:
@@ -399,6 +506,8 @@ class HostConfig:
                 f"SHM_MODEL_MAX_BUFFERED_BYTES={self.max_buffered_bytes} is below "
                 f"SHM_MODEL_MAX_FRAME_BYTES={self.max_frame_bytes}: the largest frame could never be read"
             )
+        if self.reload not in RELOAD_MODES:
+            raise ConfigError(f"SHM_MODEL_RELOAD={self.reload!r} is invalid; allowed values: {', '.join(RELOAD_MODES)}")
         if not os.path.isabs(self.socket_path):
             object.__setattr__(self, "socket_path", os.path.abspath(self.socket_path))
 
