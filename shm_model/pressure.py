@@ -26,10 +26,12 @@ import os
 import signal
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import psutil
 
+from config.model_config import HostConfig
 from shm_model.errors import InsufficientMemory
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ DTYPE_BYTES = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 #: Restart causes of a worker, as reported in the log, status and metrics.
 CAUSES = ("oom_kill", "watchdog", "crash")
+#: Reasons a host says it is degraded (the ``reason`` label of ``shm_model_host_degraded``).
+DEGRADED_KINDS = ("memory_pressure", "workers_below_target", "error_rate", "latency")
+#: Memory of the model runtime in the supervisor: PSS after ``import torch, sentence_transformers`` was 329 MB.
+RUNTIME_BYTES = {"sentence-transformers": 330 * 2**20, "dummy": 0}
 
 
 def mib(n: int | float | None) -> str:
@@ -289,20 +295,27 @@ class GenerationNeeds:
     weights: Mapping[str, int]
     workers: int
     worker_bytes: int = DEFAULT_WORKER_BYTES
+    runtime: int = 0  # the model runtime's own memory, paid once per host (RUNTIME_BYTES)
 
     @classmethod
     def from_checkpoint(
-        cls, by_dtype: Mapping[str, int], *, placement: str, workers: int, worker_bytes: int = DEFAULT_WORKER_BYTES
+        cls,
+        by_dtype: Mapping[str, int],
+        *,
+        placement: str,
+        workers: int,
+        worker_bytes: int = DEFAULT_WORKER_BYTES,
+        runtime: int = 0,
     ) -> GenerationNeeds:
         """Before a load: safetensors weights stay file mappings with SHM_MODEL_WEIGHTS=auto and become
         shared memory with shm; pickled weights (``other``) are always copied."""
         mapped = sum(v for k, v in by_dtype.items() if k != "other") if placement == "auto" else 0
         copied = sum(by_dtype.values()) - mapped
-        return cls(weights={"file": mapped, "shm": copied}, workers=workers, worker_bytes=worker_bytes)
+        return cls(weights={"file": mapped, "shm": copied}, workers=workers, worker_bytes=worker_bytes, runtime=runtime)
 
     def total(self) -> int:
         """Bytes to load this generation with nothing else running."""
-        return sum(self.weights.values()) + self.workers * self.worker_bytes
+        return self.runtime + sum(self.weights.values()) + self.workers * self.worker_bytes
 
     def second(self) -> int:
         """Bytes a second generation adds beside this one: its copied weights and its workers (file-mapped
@@ -311,7 +324,8 @@ class GenerationNeeds:
 
     def describe(self) -> str:
         parts = [f"{mib(v)} {k}" for k, v in self.weights.items() if v]
-        return f"weights {' + '.join(parts) or '0'}, {self.workers} workers x {mib(self.worker_bytes)}"
+        runtime = f"runtime {mib(self.runtime)}, " if self.runtime else ""
+        return f"{runtime}weights {' + '.join(parts) or '0'}, {self.workers} workers x {mib(self.worker_bytes)}"
 
 
 def check_fits(needed: int, available: int, *, what: str = "load the model", hint: str = "") -> None:
@@ -484,13 +498,120 @@ def degraded_reasons(
     max_error_rate: float,
     p99: float | None,
     max_p99: float,
-) -> list[str]:
-    """Every reason the host is degraded now (empty: it is not)."""
-    reasons = [pressure] if pressure else []
+) -> dict[str, str]:
+    """Every reason the host is degraded now, by kind (``DEGRADED_KINDS``); empty when it is not."""
+    reasons = {"memory_pressure": pressure} if pressure else {}
     if workers < target:
-        reasons.append(f"workers below target: {workers} of {target} ready")
+        reasons["workers_below_target"] = f"workers below target: {workers} of {target} ready"
     if error_rate is not None and error_rate > max_error_rate:
-        reasons.append(f"error rate {error_rate:.1%} over the last minute (above {max_error_rate:.1%})")
+        reasons["error_rate"] = f"error rate {error_rate:.1%} over the last minute (above {max_error_rate:.1%})"
     if p99 is not None and p99 > max_p99:
-        reasons.append(f"p99 latency {p99 * 1000:.0f} ms over the last minute (above {max_p99 * 1000:.0f} ms)")
+        reasons["latency"] = f"p99 latency {p99 * 1000:.0f} ms over the last minute (above {max_p99 * 1000:.0f} ms)"
     return reasons
+
+
+# --- the host's watch ----------------------------------------------------------------------------------
+
+
+class MemoryWatch:
+    """The host's view of memory and of its own health: readings, the pressure policy, why workers died and
+    how recent requests went. The supervisor calls it; it decides nothing about processes itself."""
+
+    def __init__(self, cfg: HostConfig, full: Capacity) -> None:
+        self.cfg = cfg
+        self.cgroup = find_cgroup(None if cfg.cgroup == "auto" else cfg.cgroup)
+        self.policy = PressurePolicy(
+            full,
+            PressureThresholds(
+                low_fraction=cfg.memory_low,
+                psi=cfg.psi_threshold,
+                hold=cfg.pressure_hold,
+                memory_limit=cfg.memory_limit,
+            ),
+        )
+        self.window = HealthWindow()
+        self.restarts: collections.Counter[str] = collections.Counter(dict.fromkeys(CAUSES, 0))
+        self.worker_bytes: int | None = None  # the largest worker USS measured
+        self.last: MemoryReading | None = None
+        self.oom_seen = read_oom_kills(self.cgroup)
+
+    def read(self, pids: Iterable[int]) -> MemoryReading:
+        """A reading; the host's processes are measured (PSS) only under SHM_MODEL_MEMORY_LIMIT."""
+        self.last = read_memory(self.cgroup, pids if self.cfg.memory_limit is not None else ())
+        return self.last
+
+    def headroom(self, pids: Iterable[int]) -> int:
+        return self.read(pids).headroom(self.cfg.memory_limit)
+
+    def measure_workers(self, pids: Iterable[int]) -> None:
+        """Take the workers' working memory (USS: what each holds of its own) into the estimates."""
+        from shm_model.memory import process_memory
+
+        for pid in pids:
+            figures = process_memory(pid)
+            if figures is not None:
+                self.worker_bytes = max(self.worker_bytes or 0, figures["uss"])
+
+    def needs(self, weights: Mapping[str, int], workers: int, runtime: int = 0) -> GenerationNeeds:
+        worker_bytes = DEFAULT_WORKER_BYTES if self.worker_bytes is None else self.worker_bytes
+        return GenerationNeeds(weights=dict(weights), workers=workers, worker_bytes=worker_bytes, runtime=runtime)
+
+    def check(self, now: float, pids: Iterable[int]) -> Capacity:
+        """Take a reading and return the capacity to run with; logs when an episode starts and ends."""
+        was = self.policy.degraded_reason
+        capacity = self.policy.update(now, self.read(pids))
+        if self.policy.degraded_reason and not was:
+            log.warning(
+                "%s; degrading to %d workers, %d padded tokens per batch, %d requests admitted",
+                self.policy.degraded_reason,
+                capacity.workers,
+                capacity.max_batch_tokens,
+                capacity.queue_size,
+            )
+        elif was and not self.policy.degraded:
+            log.info(
+                "memory pressure over; restoring %d workers, %d padded tokens per batch",
+                capacity.workers,
+                capacity.max_batch_tokens,
+            )
+        return capacity
+
+    def worker_died(self, exit_code: int | None, *, aborted: bool) -> str:
+        """Why a worker that the host did not retire ended; counted by cause."""
+        after = read_oom_kills(self.cgroup)
+        cause = exit_cause(exit_code, aborted=aborted, oom_before=self.oom_seen, oom_after=after)
+        if after is not None:
+            self.oom_seen = after
+        self.restarts[cause] += 1
+        return cause
+
+    def record(self, now: float, ok: bool, seconds: float) -> None:
+        self.window.record(now, ok, seconds)
+
+    def report(self, now: float, *, workers: int, target: int) -> dict[str, Any]:
+        """The ``health`` and ``memory_pressure`` parts of the host's status."""
+        reasons = degraded_reasons(
+            pressure=self.policy.degraded_reason,
+            workers=workers,
+            target=target,
+            error_rate=self.window.error_rate(now),
+            max_error_rate=self.cfg.degraded_error_rate,
+            p99=self.window.p99(now),
+            max_p99=self.cfg.degraded_p99_ms / 1000.0,
+        )
+        capacity = self.policy.capacity()
+        reading = self.last.as_dict(self.cfg.memory_limit) if self.last is not None else {}
+        return {
+            "health": {"status": "degraded" if reasons else "ok", "reasons": reasons},
+            "memory_pressure": {
+                **reading,
+                "degraded": self.policy.degraded,
+                "degraded_for_s": None if self.policy.since is None else round(now - self.policy.since, 3),
+                "episodes": self.policy.episodes,
+                "capacity": asdict(capacity),
+                "full_capacity": asdict(self.policy.full),
+                "worker_bytes": self.worker_bytes,
+                "cgroup": None if self.cgroup is None else asdict(self.cgroup),
+            },
+            "restarts": dict(self.restarts),
+        }

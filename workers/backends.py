@@ -22,6 +22,7 @@ import numpy as np
 
 from config.model_config import BUNDLED_ALIAS, MULTILINGUAL_ALIAS, MULTILINGUAL_DIR, HostConfig, ModelConfig
 from shm_model.errors import BadRequest, ConfigError, ModelLoadError
+from shm_model.pressure import check_fits, checkpoint_bytes, mib
 from shm_model.scheduling import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,38 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     raise ModelLoadError(f"model {name!r} not found: " + "; ".join(tried))
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, needed: int = 0) -> str:
+    """The device to load on. On CUDA, ``needed`` bytes (the weights) must fit in the device's free memory
+    (``torch.cuda.mem_get_info``): with MODEL_DEVICE=auto a device without room means cpu, with cuda an
+    ``InsufficientMemory`` naming both figures."""
     import torch
 
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "auto" and not torch.cuda.is_available():
+        return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("MODEL_DEVICE=cuda but CUDA is not available; use auto or cpu")
-    return requested
+    if requested in ("auto", "cuda") and needed:
+        free, total = torch.cuda.mem_get_info()
+        if needed > free:
+            if requested == "cuda":
+                check_fits(needed, free, what="load the model on cuda", hint=f"of {mib(total)}; use MODEL_DEVICE=auto")
+            log.warning(
+                "cuda has %s free of %s, the model needs %s: loading on cpu", mib(free), mib(total), mib(needed)
+            )
+            return "cpu"
+    return "cuda" if requested == "auto" else requested
+
+
+def is_device_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is torch running out of device memory."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    while exc is not None:
+        if isinstance(exc, oom) or "CUDA out of memory" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 # --- weight placement -----------------------------------------------------------------
@@ -252,15 +277,29 @@ class SentenceTransformerBackend(Backend):
         self.import_seconds = time.perf_counter() - started
         started = time.perf_counter()
         source = resolve_model(model_cfg)
-        self.device = resolve_device(model_cfg.device)
-        try:
-            model = SentenceTransformer(
+        self.device = resolve_device(model_cfg.device, sum(checkpoint_bytes(source.location).values()))
+
+        def load(device: str) -> Any:
+            return SentenceTransformer(
                 source.location,
-                device=self.device,
+                device=device,
                 cache_folder=os.path.abspath(model_cfg.cache_dir),
                 trust_remote_code=model_cfg.trust_remote_code,
                 local_files_only=source.kind != "hub",
             )
+
+        try:
+            try:
+                model = load(self.device)
+            except Exception as exc:
+                if not (self.device.startswith("cuda") and model_cfg.device == "auto" and is_device_oom(exc)):
+                    raise
+                log.warning(
+                    "out of memory on %s while loading the model; loading on cpu (MODEL_DEVICE=auto)", self.device
+                )
+                torch.cuda.empty_cache()
+                self.device = "cpu"
+                model = load(self.device)
         except Exception as exc:
             raise ModelLoadError(
                 f"model {model_cfg.name!r} found at {source.location} but failed to load: {type(exc).__name__}: {exc}"

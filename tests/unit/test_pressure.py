@@ -11,11 +11,13 @@ import pytest
 
 from shm_model.errors import InsufficientMemory, ModelLoadError
 from shm_model.pressure import (
+    DEGRADED_KINDS,
     Capacity,
     Cgroup,
     GenerationNeeds,
     HealthWindow,
     MemoryReading,
+    MemoryWatch,
     PressurePolicy,
     PressureThresholds,
     check_fits,
@@ -273,11 +275,57 @@ def test_health_window_error_rate_and_p99() -> None:
 
 def test_degraded_reasons() -> None:
     calm = dict(pressure=None, workers=2, target=2, error_rate=0.0, max_error_rate=0.05, p99=0.1, max_p99=2.0)
-    assert degraded_reasons(**calm) == []  # type: ignore[arg-type]
+    assert degraded_reasons(**calm) == {}  # type: ignore[arg-type]
     busy = dict(calm, pressure="memory pressure: x", workers=1, error_rate=0.5, p99=3.0)
-    assert degraded_reasons(**busy) == [  # type: ignore[arg-type]
-        "memory pressure: x",
-        "workers below target: 1 of 2 ready",
-        "error rate 50.0% over the last minute (above 5.0%)",
-        "p99 latency 3000 ms over the last minute (above 2000 ms)",
-    ]
+    assert degraded_reasons(**busy) == {  # type: ignore[arg-type]
+        "memory_pressure": "memory pressure: x",
+        "workers_below_target": "workers below target: 1 of 2 ready",
+        "error_rate": "error rate 50.0% over the last minute (above 5.0%)",
+        "latency": "p99 latency 3000 ms over the last minute (above 2000 ms)",
+    }
+    assert set(degraded_reasons(**busy)) == set(DEGRADED_KINDS)  # type: ignore[arg-type]
+
+
+def test_memory_watch_over_fake_cgroup_files(tmp_path: Path) -> None:
+    """The host's watch reads the cgroup named by SHM_MODEL_CGROUP: an episode degrades and restores, a SIGKILL
+    while the cgroup's oom_kill count rose is an OOM kill, and the report carries reasons, figures and causes."""
+    from config.model_config import HostConfig
+
+    cg = fake_cgroup_v2(tmp_path, limit=str(GiB), current=100 * MiB, oom=7)
+    cfg = HostConfig(socket_path=str(tmp_path / "s"), cgroup=str(cg), pressure_hold=5.0)
+    watch = MemoryWatch(cfg, FULL)
+    assert watch.check(0.0, []) == FULL
+    (cg / "memory.current").write_text(f"{1000 * MiB}\n")
+    assert watch.check(1.0, []).workers == 2
+    report = watch.report(1.5, workers=2, target=4)
+    assert report["health"]["status"] == "degraded"
+    assert set(report["health"]["reasons"]) == {"memory_pressure", "workers_below_target"}
+    assert report["memory_pressure"]["cgroup_limit"] == GiB and report["memory_pressure"]["degraded_for_s"] == 0.5
+    assert report["memory_pressure"]["capacity"] == {"workers": 2, "max_batch_tokens": 4096, "queue_size": 256}
+    (cg / "memory.current").write_text(f"{100 * MiB}\n")
+    watch.check(2.0, [])
+    assert watch.check(7.0, []) == FULL
+
+    assert watch.worker_died(-signal.SIGKILL, aborted=False) == "crash"  # the count did not move
+    (cg / "memory.events").write_text("oom 2\noom_kill 8\n")
+    assert watch.worker_died(-signal.SIGKILL, aborted=False) == "oom_kill"
+    assert watch.worker_died(-signal.SIGKILL, aborted=False) == "crash"  # that kill was counted already
+    (cg / "memory.events").write_text("oom 3\noom_kill 9\n")
+    assert watch.worker_died(-signal.SIGKILL, aborted=True) == "watchdog"
+    assert watch.report(8.0, workers=4, target=4)["restarts"] == {"oom_kill": 1, "watchdog": 1, "crash": 2}
+    assert watch.report(8.0, workers=4, target=4)["health"] == {"status": "ok", "reasons": {}}
+
+
+def test_memory_watch_measures_workers_and_the_host_under_a_memory_limit(tmp_path: Path) -> None:
+    import os
+
+    from config.model_config import HostConfig
+
+    cfg = HostConfig(socket_path=str(tmp_path / "s"), memory_limit=64 * GiB, cgroup=str(tmp_path / "none"))
+    watch = MemoryWatch(cfg, FULL)
+    assert watch.needs({"shm": GiB}, 2).worker_bytes == 64 * MiB  # nothing measured yet: the default
+    watch.measure_workers([os.getpid()])
+    assert watch.worker_bytes is not None and 0 < watch.worker_bytes < GiB
+    reading = watch.read([os.getpid()])
+    assert reading.host_usage is not None and 0 < reading.host_usage < GiB
+    assert watch.needs({"shm": GiB}, 2, runtime=330 * MiB).total() == 330 * MiB + GiB + 2 * watch.worker_bytes
