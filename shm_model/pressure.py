@@ -19,6 +19,7 @@ Rules (pure: the clock and the readings are passed in, so they run in unit tests
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import logging
 import math
@@ -237,6 +238,16 @@ def read_memory(cgroup: Cgroup | None, host_pids: Iterable[int] = ()) -> MemoryR
         oom_kills=read_oom_kills(cgroup),
         host_usage=host_usage,
     )
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``, every arena). A model loaded in
+    a thread leaves its transient copies in that thread's arena otherwise: a reload of the bundled model kept
+    110 MB more heap in the supervisor."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # --- what a generation needs ----------------------------------------------------------------------

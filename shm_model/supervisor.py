@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,17 @@ from shm_model.errors import (
     WorkerCrashed,
 )
 from shm_model.memory import process_memory
+from shm_model.pressure import (
+    RUNTIME_BYTES,
+    Capacity,
+    GenerationNeeds,
+    MemoryWatch,
+    check_fits,
+    checkpoint_bytes,
+    mib,
+    release_free_memory,
+    reload_mode,
+)
 from shm_model.protocol import (
     PREFIX,
     ConnectionClosed,
@@ -237,6 +248,9 @@ class Supervisor:
         self.counters: collections.Counter[str] = collections.Counter()
         self.workers_ready_seconds = 0.0
         self._frame_budget = FrameBudget(host_cfg.buffered_bytes_limit())
+        self._queue_size = host_cfg.queue_size  # lowered under memory pressure
+        self._swapping = False  # a reload released the serving generation and loads the next
+        self._watch: MemoryWatch | None = None
 
     # --- life ------------------------------------------------------------------------
 
@@ -263,6 +277,11 @@ class Supervisor:
                     self._threads,
                     self._cores,
                 )
+            full = Capacity(
+                workers=self._worker_count, max_batch_tokens=self.cfg.max_batch_tokens, queue_size=self.cfg.queue_size
+            )
+            self._watch = MemoryWatch(self.cfg, full)
+            self._check_load()
             if self._start_method == "fork":
                 self._backend = self._load()
                 self._meta = self._backend.describe()
@@ -277,11 +296,37 @@ class Supervisor:
 
         return resolve_device(self.model_cfg.device)
 
+    def _check_load(self) -> None:
+        """Refuse to start, before loading anything, when the model cannot fit: its weights by placement and
+        dtype (from the checkpoint), the model runtime and the workers, against RAM available, the cgroup's
+        room and SHM_MODEL_MEMORY_LIMIT."""
+        assert self._watch is not None
+        if self.cfg.backend == "dummy":
+            by_dtype: dict[str, int] = {}
+        else:
+            from workers.backends import resolve_model
+
+            by_dtype = checkpoint_bytes(resolve_model(self.model_cfg).location)
+        needs = GenerationNeeds.from_checkpoint(
+            by_dtype,
+            placement=self.cfg.weights,
+            workers=self._worker_count,
+            runtime=0 if "torch" in sys.modules else RUNTIME_BYTES[self.cfg.backend],  # once imported, it is measured
+        )
+        check_fits(
+            needs.total(),
+            self._watch.headroom([os.getpid()]),
+            hint=f"estimated {needs.describe()}; fewer SHM_MODEL_WORKERS, a smaller model, or more room "
+            "(SHM_MODEL_MEMORY_LIMIT, the cgroup's limit) would fit",
+        )
+
     def _load(self) -> Backend:
         self._loading = True
         try:
             started = time.perf_counter()
             backend = load_backend(self.model_cfg, self.cfg)
+            gc.collect()
+            release_free_memory()  # the load's transient copies, before workers fork
             log.info(
                 "loaded %s (%s, dim %d) in %.2fs; weights %s",
                 backend.name,
@@ -310,6 +355,7 @@ class Supervisor:
             log.error("%s", exc)
             await self._stop_workers(list(self._workers.values()))
             return WORKER_BOOT_ERROR
+        self._background(self._watch_memory())
         self._listen = self._bind()
         self._server = await asyncio.start_unix_server(self._handle_connection, sock=self._listen, limit=1 << 16)
         log.info(
@@ -324,6 +370,65 @@ class Supervisor:
         )
         await self._done.wait()
         return self.exit_code
+
+    # --- memory pressure ------------------------------------------------------------------
+
+    def _live(self) -> list[WorkerHandle]:
+        """Workers of the serving generation that serve or will (not retiring, not dead)."""
+        return [
+            w
+            for w in self._workers.values()
+            if w.generation == self._generation and w.state in ("starting", "idle", "busy")
+        ]
+
+    def _pids(self) -> list[int]:
+        return [os.getpid(), *self._workers]
+
+    async def _watch_memory(self) -> None:
+        """Look at memory every SHM_MODEL_PRESSURE_INTERVAL and run with the capacity it allows."""
+        assert self._watch is not None
+        while not self._stopping:
+            self._watch.measure_workers([w.pid for w in self._workers.values() if w.state in ("idle", "busy")])
+            self._apply(self._watch.check(asyncio.get_running_loop().time(), self._pids()))
+            await asyncio.sleep(self.cfg.pressure_interval)
+
+    def _apply(self, capacity: Capacity) -> None:
+        """Run with ``capacity``: idle workers beyond it retire now, busy ones after their batch; missing ones start."""
+        self._queue_size = capacity.queue_size
+        if self._scheduler.limits.max_tokens != capacity.max_batch_tokens:
+            self._scheduler.limits = replace(self._scheduler.limits, max_tokens=capacity.max_batch_tokens)
+        self._worker_count = capacity.workers
+        live = self._live()
+        for w in [w for w in live if w.state == "idle"][: max(0, len(live) - capacity.workers)]:
+            self._retire(w)
+        for _ in range(capacity.workers - len(live)):
+            self._schedule_respawn()
+
+    def _surplus(self, w: WorkerHandle) -> bool:
+        """Whether a worker that just finished a batch should retire: an old generation, a swap, or pressure."""
+        return w.generation != self._generation or self._swapping or len(self._live()) > self._worker_count
+
+    def _generation_needs(self) -> GenerationNeeds:
+        assert self._watch is not None
+        weights = self._backend.placement if self._backend is not None else {}
+        return self._watch.needs(weights, self._watch.policy.full.workers)
+
+    async def _release_generation(self) -> None:
+        """Retire every worker (each after its batch) and drop the weights, so that the next generation loads
+        into the memory they held; requests wait in the queue meanwhile."""
+        assert self._changed is not None
+        self._swapping = True
+        old = list(self._workers.values())
+        for w in old:
+            self._retire(w)
+        while any(w.pid in self._workers for w in old) and not self._stopping:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.1)
+        self._backend = None
+        gc.unfreeze()
+        gc.collect()
+        release_free_memory()
 
     # --- socket directory, lock, stale files ---------------------------------------------
 
@@ -499,11 +604,24 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             w = self._workers.get(pid)
             if w is not None:
-                if w.state not in ("retiring", "dead") and not self._stopping:
-                    log.warning("worker %d exited with %s", pid, _describe_exit(code))
+                if not self._stopping and not (w.state == "retiring" and code in (0, -signal.SIGTERM)):
+                    self._report_death(w, code)
                 self._worker_lost(w, code)
             if self._changed:
                 self._changed.set()
+
+    def _report_death(self, w: WorkerHandle, code: int) -> None:
+        assert self._watch is not None
+        cause = self._watch.worker_died(code, aborted=w.aborted)
+        if cause == "oom_kill":
+            log.error(
+                "worker %d was killed by the OOM killer (%s; oom_kill count %s); replacing it",
+                w.pid,
+                _describe_exit(code),
+                self._watch.oom_seen,
+            )
+        else:
+            log.warning("worker %d exited with %s (%s); replacing it", w.pid, _describe_exit(code), cause)
 
     def _worker_lost(self, w: WorkerHandle, exit_code: int | None = None) -> None:
         if w.state == "dead":
@@ -564,7 +682,7 @@ class Supervisor:
 
     async def _respawn(self) -> None:
         live = [w for w in self._workers.values() if w.generation == self._generation and w.state != "dead"]
-        if self._stopping or len(live) >= self._worker_count:
+        if self._stopping or self._swapping or len(live) >= self._worker_count:
             return
         self.counters["respawns"] += 1
         await self._spawn(self._generation, self._backend)
@@ -724,10 +842,12 @@ class Supervisor:
         if not texts:
             conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32), tokens=0))
             return
-        if len(self._requests) >= self.cfg.queue_size:
+        if len(self._requests) >= self._queue_size:
+            lowered = " under memory pressure" if self._queue_size < self.cfg.queue_size else ""
             raise Overloaded(
-                f"the host has {len(self._requests)} requests in flight (limit {self.cfg.queue_size}); retry later",
-                limit=self.cfg.queue_size,
+                f"the host has {len(self._requests)} requests in flight (limit {self._queue_size}{lowered}); "
+                "retry later",
+                limit=self._queue_size,
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -779,12 +899,20 @@ class Supervisor:
 
     def _finish(self, req: Request) -> None:
         if self._close(req):
+            self._record(req, ok=True)
             req.conn.send(vectors_reply(req.id, req.result, tokens=req.used_tokens))
 
     def _fail(self, req: Request, error: ShmModelError) -> None:
         if self._close(req):
             self.counters[f"errors_{error.code}"] += 1
+            if not isinstance(error, BadRequest):  # the caller's mistakes are not the host's error rate
+                self._record(req, ok=False)
             req.conn.send(error_reply(req.id, error))
+
+    def _record(self, req: Request, *, ok: bool) -> None:
+        if self._watch is not None:
+            now = asyncio.get_running_loop().time()
+            self._watch.record(now, ok, now - req.arrived)
 
     def _notify(self) -> None:
         if self._changed:
@@ -893,7 +1021,7 @@ class Supervisor:
             self._batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
         if w.state == "busy":
             w.state = "idle"
-            if w.generation != self._generation:
+            if self._surplus(w):
                 self._retire(w)
         w.threads = 0
         self._dispatch()
@@ -962,29 +1090,27 @@ class Supervisor:
             if self._stopping:
                 raise HostUnavailable("the host is shutting down")
             generation = self._generation + 1
-            log.info("reloading the model (generation %d)", generation)
-            backend = None
-            if self._start_method == "fork":
-                loop = asyncio.get_running_loop()
-                try:
-                    backend = await loop.run_in_executor(None, self._load)
-                except ShmModelError:
-                    raise
-                except Exception as exc:
-                    raise InternalError(f"reload failed: {type(exc).__name__}: {exc}") from exc
-                finally:
-                    deferred, self._respawns_deferred = self._respawns_deferred, 0
-                    for _ in range(deferred):
-                        self._schedule_respawn()
-                gc.freeze()
+            assert self._watch is not None
+            needs = self._generation_needs()
+            headroom = self._watch.headroom(self._pids())
+            mode = reload_mode(self.cfg.reload, needs, headroom)
+            log.info(
+                "reloading by %s (generation %d): a second generation needs %s (%s), %s available",
+                mode, generation, mib(needs.second()), needs.describe(), mib(headroom),
+            )  # fmt: skip
+            if mode == "swap":
+                await self._release_generation()
             try:
-                await self._start_generation(generation, backend)
-            except ShmModelError:
-                for w in [w for w in self._workers.values() if w.generation == generation]:
-                    self._retire(w)
+                backend = await self._load_generation(generation)
+            except ShmModelError as exc:
+                if self._swapping:  # nothing left to serve with
+                    log.error("reload failed after the old generation was released; stopping: %s", exc)
+                    self.exit_code = WORKER_BOOT_ERROR
+                    self._begin_stop("reload failed")
                 raise
             old_backend = self._backend
             self._generation, self._backend = generation, backend
+            self._swapping = False
             if backend is not None:
                 self._meta = backend.describe()
             for w in list(self._workers.values()):
@@ -992,12 +1118,38 @@ class Supervisor:
                     self._retire(w)
             self._dispatch()
             del old_backend
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+            if mode == "overlap":  # a swap released the old generation before the fork; a collect now
+                gc.unfreeze()  # would touch every object and unshare the supervisor's pages from the new workers
+                gc.collect()
+                gc.freeze()
             self.counters["reloads"] += 1
+            self.counters[f"reloads_{mode}"] += 1
             log.info("reloaded: generation %d serving", generation)
-            return self.info()
+            return {**self.info(), "reload_mode": mode}
+
+    async def _load_generation(self, generation: int) -> Backend | None:
+        """Load the model again (fork) and start a full set of workers on it; workers of a failed start retire."""
+        backend = None
+        if self._start_method == "fork":
+            loop = asyncio.get_running_loop()
+            try:
+                backend = await loop.run_in_executor(None, self._load)
+            except ShmModelError:
+                raise
+            except Exception as exc:
+                raise InternalError(f"reload failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                deferred, self._respawns_deferred = self._respawns_deferred, 0
+                for _ in range(deferred):
+                    self._schedule_respawn()
+            gc.freeze()
+        try:
+            await self._start_generation(generation, backend)
+        except ShmModelError:
+            for w in [w for w in self._workers.values() if w.generation == generation]:
+                self._retire(w)
+            raise
+        return backend
 
     def _begin_stop(self, reason: str) -> None:
         if self._stopping:
@@ -1103,13 +1255,24 @@ class Supervisor:
             "queue_depth": self._scheduler.queued_pieces(),
             "queue": self._queue_report(),
             "in_flight": len(self._requests),
-            "queue_size": self.cfg.queue_size,
+            "queue_size": self._queue_size,
             "stopping": self._stopping,
             "supervisor": {"pid": os.getpid(), **own},
             "workers": workers,
             "memory": total,
             "counters": dict(self.counters),
+            **self._health(),
         }
+
+    def _health(self) -> dict[str, Any]:
+        """Degraded or not and why, memory figures and the capacity they allow, worker restarts by cause."""
+        if self._watch is None:
+            return {}
+        report = self._watch.report(
+            asyncio.get_running_loop().time(), workers=len(self._live()), target=self._watch.policy.full.workers
+        )
+        report["memory_pressure"]["second_generation"] = self._generation_needs().second()
+        return report
 
     def _queue_report(self) -> dict[str, Any]:
         """Per priority class: what waits now, and how long admitted requests waited for a worker."""
