@@ -397,12 +397,16 @@ class Supervisor:
         self._queue_size = capacity.queue_size
         if self._scheduler.limits.max_tokens != capacity.max_batch_tokens:
             self._scheduler.limits = replace(self._scheduler.limits, max_tokens=capacity.max_batch_tokens)
-        self._worker_count = capacity.workers
+        if capacity.workers == self._worker_count:
+            return
         live = self._live()
-        for w in [w for w in live if w.state == "idle"][: max(0, len(live) - capacity.workers)]:
-            self._retire(w)
-        for _ in range(capacity.workers - len(live)):
-            self._schedule_respawn()
+        if capacity.workers < self._worker_count:
+            for w in [w for w in live if w.state == "idle"][: max(0, len(live) - capacity.workers)]:
+                self._retire(w)
+        else:
+            for _ in range(capacity.workers - len(live)):
+                self._schedule_respawn()
+        self._worker_count = capacity.workers
 
     def _surplus(self, w: WorkerHandle) -> bool:
         """Whether a worker that just finished a batch should retire: an old generation, a swap, or pressure."""

@@ -157,6 +157,7 @@ class Load:
         self.client = host.client(pool_size=threads)
         self.texts = texts or ["서울특별시의 인구는 얼마인가", "부산의 면적", "memory pressure test"]
         self.ok = 0
+        self.slowest = 0.0
         self.failed: list[str] = []
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
@@ -166,10 +167,12 @@ class Load:
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
+                started = time.monotonic()
                 vectors = self.client.encode(self.texts, timeout=60)
                 good = np.allclose(vectors, self.expected, atol=1e-5)
                 with self.lock:
                     self.ok += 1
+                    self.slowest = max(self.slowest, time.monotonic() - started)
                     if not good:
                         self.failed.append("wrong vectors")
             except ShmModelError as exc:
@@ -264,6 +267,7 @@ def test_a_reload_that_cannot_fit_two_generations_swaps_with_no_failed_request(
         assert 87 * MiB < second < 400 * MiB
         cgroup.set(usage=cgroup.limit - second // 2)  # room for half of a second generation
         poll(lambda: host.status()["memory_pressure"]["headroom"] < second, 10, what="the smaller headroom")
+        overlap_slowest, load.slowest = load.slowest, 0.0
         swap, swap_s, swap_before, swap_peak = reload_measured(host)
         served = load.ok
         poll(lambda: load.ok > served + 10, 30, what="requests served after the swap")
@@ -278,7 +282,8 @@ def test_a_reload_that_cannot_fit_two_generations_swaps_with_no_failed_request(
     print(
         f"\noverlap reload {overlap_s:.2f}s, PSS {overlap_before / MiB:.0f} -> peak {overlap_peak / MiB:.0f} MiB; "
         f"swap reload {swap_s:.2f}s, PSS {swap_before / MiB:.0f} -> peak {swap_peak / MiB:.0f} MiB; second generation "
-        f"estimated {second / MiB:.0f} MiB; {load.ok} requests served meanwhile, 0 failed"
+        f"estimated {second / MiB:.0f} MiB; {load.ok} requests served meanwhile, 0 failed; slowest request "
+        f"{overlap_slowest:.2f}s around the overlap, {load.slowest:.2f}s around the swap"
     )
     assert overlap_rise > 87 * MiB  # a second copy of the weights
     assert swap_rise + 44 * MiB < overlap_rise  # the old copy was released first
