@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import struct
 from pathlib import Path
@@ -95,8 +96,9 @@ def test_this_machines_own_cgroup_is_found_and_read() -> None:
 def test_cgroup_found_from_proc_self_cgroup_lines(tmp_path: Path) -> None:
     proc = tmp_path / "cgroup"
     proc.write_text("9:name=systemd:/\n4:memory:/nowhere/at/all\n0::/\n")
-    cg = find_cgroup(proc_cgroup=str(proc))
-    assert cg is None or cg.directory.startswith("/sys/fs/cgroup")
+    v1_root = "/sys/fs/cgroup/memory"  # a path that does not exist falls back to the hierarchy's root
+    expected = Cgroup(version=1, directory=v1_root) if os.path.exists(v1_root + "/memory.limit_in_bytes") else None
+    assert find_cgroup(proc_cgroup=str(proc)) == expected
     proc.write_text("garbage\n\n1:cpu:/\n")
     assert find_cgroup(proc_cgroup=str(proc)) is None
     assert find_cgroup(str(tmp_path / "missing")) is None
