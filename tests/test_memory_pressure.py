@@ -349,6 +349,10 @@ def test_a_worker_killed_for_memory_is_reported_as_such_and_replaced(
     assert status["restarts"] == {"oom_kill": 1, "watchdog": 0, "crash": 1}
     assert re.search(r"worker \d+ was killed by the OOM killer", host.log())
     assert status["counters"].get("worker_crashes") == 2
+    with api_server(dict(host.env, SHM_MODEL_MODE="shared"), tmp_path / "api.log") as url:
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert 'shm_model_host_worker_restarts_total{cause="oom_kill"} 1.0' in metrics
+    assert 'shm_model_host_worker_restarts_total{cause="crash"} 1.0' in metrics
 
 
 def test_a_pressure_episode_lowers_workers_and_batches_then_restores_them(
@@ -467,3 +471,51 @@ def test_promtool_checks_the_alert_rules() -> None:
     result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 6 rules found" in result.stdout
+
+
+SERIES = {
+    'shm_model_host_worker_restarts_total{instance="a", cause="oom_kill"}': "0+2x10",
+    'shm_model_host_worker_restarts_total{instance="b", cause="crash"}': "0 0 0 1x7",
+    'shm_model_host_memory_headroom_bytes{instance="a"}': "100 100 50x4",
+    'shm_model_host_memory_ceiling_bytes{instance="a"}': "1000x6",
+    'up{job="shm-model", instance="a"}': "1 1 0x3",
+}
+#: (alert, minute, labels of each alert expected to fire then, its summary)
+EXPECTED = [
+    (
+        "ShmModelRestartLoop", 10, {"instance": "a", "cause": "oom_kill"},
+        "shm-model replaced 20 workers in 10 minutes on a (cause oom_kill)",
+    ),
+    ("ShmModelMemoryNearLimit", 3, None, ""),  # 50 of 1000 free since minute 2, for under 2 minutes
+    ("ShmModelMemoryNearLimit", 5, {"instance": "a"}, "shm-model has 5% of its memory ceiling free on a"),
+    ("ShmModelDown", 4, {"job": "shm-model", "instance": "a"}, "shm-model is down on a"),
+]  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is not on PATH")
+def test_promtool_fires_the_alerts_on_sample_series(tmp_path: Path) -> None:
+    """On sample series: a restart loop of OOM kills fires (one crash in 10 minutes does not), memory at 5% of
+    its ceiling fires once it lasted 2 minutes, a target down fires after 1 minute."""
+    rules = {r["alert"]: r for r in alert_rules()}
+    checks = []
+    for alert, minute, labels, summary in EXPECTED:
+        fired = []
+        if labels is not None:
+            annotations = {"summary": summary, "description": rules[alert]["annotations"]["description"]}
+            fired = [{"exp_labels": {**rules[alert]["labels"], **labels}, "exp_annotations": annotations}]
+        checks.append({"eval_time": f"{minute}m", "alertname": alert, "exp_alerts": fired})
+    spec = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": k, "values": v} for k, v in SERIES.items()],
+                "alert_rule_test": checks,
+            }
+        ],
+    }
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(yaml.safe_dump(spec))
+    result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
