@@ -25,7 +25,7 @@ def _ms(value: float | None) -> str:
 def _serve(args: argparse.Namespace) -> int:
     # Before torch is imported: the supervisor must never start a thread pool that a
     # fork would break (workers set their own thread count after fork).
-    from shm_model.supervisor import Supervisor, single_threaded
+    from shm_model.host import Supervisor, single_threaded
 
     single_threaded()
     from config.model_config import HostConfig, ModelConfig
