@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from config.model_config import HostConfig, ModelConfig
+from shm_model.activation import inherited_socket
 from shm_model.errors import (
     BadRequest,
     ConfigError,
@@ -383,6 +384,8 @@ class Supervisor:
                     log.info("removed stale shared-memory file %s", path)
 
     def _bind(self) -> socket.socket:
+        if (inherited := inherited_socket()) is not None:
+            return inherited
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177 if not self.cfg.allowed_uids else 0o111)
         try:
