@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -235,11 +236,19 @@ os.execv(command[0], command)
 """
 
 
-def activated(command: list[str], fd: int, pid: str = "self", fds: str = "1", **env: str) -> subprocess.Popen[str]:
+def activated(
+    command: list[str],
+    fd: int,
+    pid: str = "self",
+    fds: str = "1",
+    env: dict[str, str] | None = None,
+    stdout: IO[str] | int = subprocess.PIPE,
+) -> subprocess.Popen[str]:
     """Run ``command`` as systemd runs a socket-activated service."""
     return subprocess.Popen(
-        [sys.executable, "-c", SYSTEMD_EXEC, str(fd), pid, fds, *command], env=base_env(**env), cwd=ROOT,
-        pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-c", SYSTEMD_EXEC, str(fd), pid, fds, *command], env=env or base_env(), cwd=ROOT,
+        pass_fds=(fd,), stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True,
     )  # fmt: skip
 
 
