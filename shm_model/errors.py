@@ -16,8 +16,9 @@ the socket so that the client raises the same class the host raised::
      ├── ProtocolError          the peer broke the framing; the connection is closed
      └── InternalError          a failure inside the host that is not the caller's fault
 
-The root and ``ConfigError`` are defined in ``config.errors`` (``config`` does not import
-this package); this module imports nothing else of the project.
+The root and ``ConfigError`` are defined in ``config.errors`` (so that ``config`` needs nothing
+of this package) and re-exported here; apart from that module, this one imports nothing of the
+project.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -149,23 +151,28 @@ def test_every_variable_is_in_the_help_and_the_readme_table() -> None:
 
 
 @contextlib.contextmanager
-def started(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process writing to ``log_path``; ended (SIGTERM, then SIGKILL) when the block ends."""
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+def started(
+    command: list[str], env: dict[str, str], log_path: Path, fd: int | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """A server process writing to ``log_path`` (socket-activated with ``fd`` when given); its whole
+    process group is killed when the block ends, whatever the test did."""
+    with open(log_path, "w") as out:
+        if fd is None:
+            proc: subprocess.Popen[str] = subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                text=True, start_new_session=True,
+            )  # fmt: skip
+        else:
+            proc = activated(command, fd, env=env, stdout=out)
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
-def live(proc: subprocess.Popen[bytes], port: int) -> bool:
+def live(proc: subprocess.Popen[str], port: int) -> bool:
     assert proc.poll() is None, "the API server exited"
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2).status_code == 200
@@ -184,8 +191,11 @@ def json_lines(text: str) -> list[dict]:
     return records
 
 
-def test_json_logs_of_host_workers_and_api(host_factory, tmp_path: Path) -> None:
-    host: Host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_LOG_FORMAT="json")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_json_logs_of_host_workers_and_api(host_factory, tmp_path: Path, start_method: str) -> None:
+    host: Host = host_factory(
+        SHM_MODEL_BACKEND="dummy", SHM_MODEL_LOG_FORMAT="json", SHM_MODEL_START_METHOD=start_method
+    )
     with host.client(timeout=10) as client:
         assert client.encode(["hello"]).shape[0] == 1
     workers = host.worker_pids()

@@ -9,7 +9,6 @@ dummy one (no model to load).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -17,12 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from shm_model.client import HostClient
 from tests.conftest import ROOT, base_env, pid_alive, poll
-from tests.test_settings import activated
+from tests.test_settings import started
 
 UNITS = ROOT / "contrib" / "systemd"
 PREFIX = "/opt/shm-model"
@@ -67,27 +65,7 @@ def stop_seconds(service: dict[str, list[str]]) -> float:
     return float(service["TimeoutStopSec"][0])
 
 
-@contextlib.contextmanager
-def started(argv: list[str], env: dict[str, str], log: Path, fd: int | None = None) -> Iterator[subprocess.Popen]:
-    """The service's process (as systemd starts it, socket-activated with ``fd``); killed with its
-    whole process group if the test did not stop it."""
-    with open(log, "wb") as out:
-        if fd is None:
-            proc: subprocess.Popen = subprocess.Popen(
-                argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        else:
-            proc = activated(argv, fd, env=env, stdout=out)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-def served(path: str, proc: subprocess.Popen) -> list[int]:
+def served(path: str, proc: subprocess.Popen[str]) -> list[int]:
     """Wait until the host answers on ``path``; encode once; the worker pids."""
 
     def answers() -> bool:
@@ -105,7 +83,7 @@ def served(path: str, proc: subprocess.Popen) -> list[int]:
         return [w["pid"] for w in client.status()["workers"]]
 
 
-def stopped_by_sigterm(proc: subprocess.Popen, workers: list[int], seconds: float) -> None:
+def stopped_by_sigterm(proc: subprocess.Popen[str], workers: list[int], seconds: float) -> None:
     proc.send_signal(signal.SIGTERM)  # KillMode=mixed: SIGTERM to the main process only
     assert proc.wait(seconds) == 0
     poll(lambda: not any(pid_alive(pid) for pid in workers), 10, what="the workers to end")
