@@ -19,6 +19,7 @@ import socket
 import stat
 from collections.abc import Collection
 
+from shm_model.activation import inherited_socket
 from shm_model.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ class RunDirectory:
 
     def bind(self) -> socket.socket:
         """Listen on the socket path: this uid only, or every uid when others are allowed (the
-        host then checks each peer's uid itself)."""
+        host then checks each peer's uid itself). Under systemd socket activation, the socket
+        systemd passed (``LISTEN_FDS``) instead; it is systemd's to remove."""
+        if (inherited := inherited_socket()) is not None:
+            return inherited
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o111 if self.shared else 0o177)
         try:
