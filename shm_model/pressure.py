@@ -19,7 +19,6 @@ Rules (pure: the clock and the readings are passed in, so they run in unit tests
 from __future__ import annotations
 
 import collections
-import ctypes
 import json
 import logging
 import math
@@ -238,16 +237,6 @@ def read_memory(cgroup: Cgroup | None, host_pids: Iterable[int] = ()) -> MemoryR
         oom_kills=read_oom_kills(cgroup),
         host_usage=host_usage,
     )
-
-
-def release_free_memory() -> None:
-    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``, every arena). A model loaded in
-    a thread leaves its transient copies in that thread's arena otherwise: a reload of the bundled model kept
-    110 MB more heap in the supervisor."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 # --- what a generation needs ----------------------------------------------------------------------
@@ -563,14 +552,19 @@ class MemoryWatch:
             if figures is not None:
                 self.worker_bytes = max(self.worker_bytes or 0, figures["uss"])
 
+    def sample(self, pids: Iterable[int], worker_pids: Iterable[int]) -> MemoryReading:
+        """Measure the workers and take a reading: the part that reads files, run off the event loop."""
+        self.measure_workers(worker_pids)
+        return self.read(pids)
+
     def needs(self, weights: Mapping[str, int], workers: int, runtime: int = 0) -> GenerationNeeds:
         worker_bytes = DEFAULT_WORKER_BYTES if self.worker_bytes is None else self.worker_bytes
         return GenerationNeeds(weights=dict(weights), workers=workers, worker_bytes=worker_bytes, runtime=runtime)
 
-    def check(self, now: float, pids: Iterable[int]) -> Capacity:
-        """Take a reading and return the capacity to run with; logs when an episode starts and ends."""
+    def check(self, now: float, reading: MemoryReading) -> Capacity:
+        """The capacity to run with after ``reading``; logs when an episode starts and ends."""
         was = self.policy.degraded_reason
-        capacity = self.policy.update(now, self.read(pids))
+        capacity = self.policy.update(now, reading)
         if self.policy.degraded_reason and not was:
             log.warning(
                 "%s; degrading to %d workers, %d padded tokens per batch, %d requests admitted",

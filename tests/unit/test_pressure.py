@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shm_model.errors import InsufficientMemory, ModelLoadError
+from shm_model.errors import InsufficientMemory, ModelLoadError, Overloaded
 from shm_model.pressure import (
     DEGRADED_KINDS,
     Capacity,
@@ -296,17 +297,17 @@ def test_memory_watch_over_fake_cgroup_files(tmp_path: Path) -> None:
     cg = fake_cgroup_v2(tmp_path, limit=str(GiB), current=100 * MiB, oom=7)
     cfg = HostConfig(socket_path=str(tmp_path / "s"), cgroup=str(cg), pressure_hold=5.0)
     watch = MemoryWatch(cfg, FULL)
-    assert watch.check(0.0, []) == FULL
+    assert watch.check(0.0, watch.read([])) == FULL
     (cg / "memory.current").write_text(f"{1000 * MiB}\n")
-    assert watch.check(1.0, []).workers == 2
+    assert watch.check(1.0, watch.read([])).workers == 2
     report = watch.report(1.5, workers=2, target=4)
     assert report["health"]["status"] == "degraded"
     assert set(report["health"]["reasons"]) == {"memory_pressure", "workers_below_target"}
     assert report["memory_pressure"]["cgroup_limit"] == GiB and report["memory_pressure"]["degraded_for_s"] == 0.5
     assert report["memory_pressure"]["capacity"] == {"workers": 2, "max_batch_tokens": 4096, "queue_size": 256}
     (cg / "memory.current").write_text(f"{100 * MiB}\n")
-    watch.check(2.0, [])
-    assert watch.check(7.0, []) == FULL
+    watch.check(2.0, watch.read([]))
+    assert watch.check(7.0, watch.read([])) == FULL
 
     assert watch.worker_died(-signal.SIGKILL, aborted=False) == "crash"  # the count did not move
     (cg / "memory.events").write_text("oom 2\noom_kill 8\n")
@@ -331,3 +332,97 @@ def test_memory_watch_measures_workers_and_the_host_under_a_memory_limit(tmp_pat
     reading = watch.read([os.getpid()])
     assert reading.host_usage is not None and 0 < reading.host_usage < GiB
     assert watch.needs({"shm": GiB}, 2, runtime=330 * MiB).total() == 330 * MiB + GiB + 2 * watch.worker_bytes
+
+
+# --- the pool and the dispatcher under pressure, with fake workers ------------------------------------------
+
+
+def test_a_smaller_pool_retires_idle_workers_at_once_busy_ones_after_their_batch_and_grows_back() -> None:
+    from shm_model.host.pool import WorkerState
+    from tests.unit.test_pool import Host, run, until
+
+    async def body() -> None:
+        host = Host(size=3)
+        await host.start()
+        busy, idle, other = sorted(host.pool.workers.values(), key=lambda w: w.pid)
+        busy.assign([], 1, "interactive")
+        other.assign([], 1, "interactive")
+        host.pool.resize(1)
+        assert idle.state is WorkerState.RETIRING  # the only idle one
+        assert busy.state is other.state is WorkerState.BUSY
+        host.pool.batch_done(busy)
+        assert busy.state is WorkerState.RETIRING  # one more than the size: retired after its batch
+        host.pool.batch_done(other)
+        assert other.state is WorkerState.IDLE  # the one that stays
+        await until(lambda: host.states() == ["idle"], "one worker")
+        assert host.counters["respawns"] == 0
+        host.pool.resize(3)
+        await until(lambda: host.states() == ["idle", "idle", "idle"], "three workers again")
+        assert host.spawner.started == 5
+        await host.close()
+
+    run(body())
+
+
+def test_a_released_pool_keeps_no_worker_and_replaces_none_until_the_next_generation() -> None:
+    from tests.unit.host_fakes import FakeConnection
+    from tests.unit.test_pool import Host, run, until
+
+    async def body() -> None:
+        host = Host(size=2, dispatcher=True)
+        await host.start()
+        assert host.dispatcher is not None
+        host.pool.backend = object()
+        busy = min(host.pool.workers.values(), key=lambda w: w.pid)
+        busy.assign([], 1, "interactive")
+        release = asyncio.get_running_loop().create_task(host.pool.release())
+        await until(lambda: len(host.pool.workers) == 1, "the idle one gone")
+        assert not release.done()  # the busy one finishes its batch first
+        conn = FakeConnection()
+        host.dispatcher.submit(conn, 1, {"texts": ["waits"]})  # type: ignore[arg-type]
+        host.pool.batch_done(busy)
+        await release
+        assert host.pool.workers == {} and host.pool.backend is None
+        host.pool.schedule_respawn()
+        await asyncio.sleep(0.01)
+        assert host.spawner.started == 2 and 1 not in conn.replies  # nothing replaced; the request waits
+        await host.pool.start_generation(1, None)
+        host.pool.adopt(1, None)
+        host.dispatcher.dispatch()
+        await until(lambda: 1 in conn.replies, "the answer from the next generation")
+        assert conn.vectors(1)[:, 0].tolist() == [5]
+        await host.close()
+
+    run(body())
+
+
+def test_the_dispatcher_under_pressure_cuts_smaller_batches_and_refuses_beyond_a_shorter_queue() -> None:
+    from tests.unit.host_fakes import FakeConnection
+    from tests.unit.test_pool import Host, run, until
+
+    async def body() -> None:
+        host = Host(size=1, dispatcher=True, queue_size=8, max_batch_tokens=64)
+        await host.start()
+        dispatcher = host.dispatcher
+        assert dispatcher is not None
+        answers: list[tuple[bool, float]] = []
+        dispatcher.on_answer = lambda now, ok, seconds: answers.append((ok, seconds))
+        dispatcher.set_capacity(max_batch_tokens=16, queue_size=2)
+        conn = FakeConnection()
+        (w,) = host.pool.workers.values()
+        w.assign([], 1, "interactive")  # hold the worker: requests queue
+        dispatcher.submit(conn, 1, {"texts": ["x" * 12] * 4})  # type: ignore[arg-type]
+        dispatcher.submit(conn, 2, {"texts": ["y"]})  # type: ignore[arg-type]
+        with pytest.raises(Overloaded, match=r"limit 2 under memory pressure"):
+            dispatcher.submit(conn, 3, {"texts": ["z"]})  # type: ignore[arg-type]
+        host.pool.batch_done(w)
+        dispatcher.dispatch()
+        await until(lambda: 1 in conn.replies and 2 in conn.replies, "the answers")
+        # 4 texts of 6 estimated tokens: 16 padded tokens hold 2 of them a batch (64 would hold all 4)
+        assert [len(texts) for _, texts, _ in host.spawner.batches[:2]] == [2, 2]
+        assert [ok for ok, _ in answers] == [True, True]
+        dispatcher.set_capacity(max_batch_tokens=64, queue_size=8)
+        assert dispatcher.scheduler.limits.max_tokens == 64 and dispatcher.queue_size == 8
+        await host.close()
+
+    run(body())
