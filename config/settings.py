@@ -117,9 +117,7 @@ def bytes_value(raw: object) -> int | None:
 
 
 BYTES = Kind(Annotated[int | None, BeforeValidator(bytes_value)], "bytes >= 1M (suffix K, M, G or T) or 'auto'")
-PERCENT = Kind(
-    Annotated[float, Field(gt=0.0, le=100.0), BeforeValidator(_strip)], "a percentage above 0, at most 100"
-)
+PERCENT = Kind(Annotated[float, Field(gt=0.0, le=100.0), BeforeValidator(_strip)], "a percentage above 0, at most 100")
 
 
 # --- the table -----------------------------------------------------------------------------------
