@@ -462,10 +462,12 @@ class PressurePolicy:
 
 @dataclass
 class HealthWindow:
-    """Outcomes and latencies of the requests of the last ``window`` seconds (at most ``keep`` of them)."""
+    """Outcomes and latencies of the requests of the last ``window`` seconds (at most ``keep`` of them).
+    Under ``min_samples`` requests there is no error rate and no p99: one slow first request is no trend."""
 
     window: float = 60.0
     keep: int = 4096
+    min_samples: int = 20
     samples: collections.deque[tuple[float, bool, float]] = field(default_factory=collections.deque)
 
     def record(self, now: float, ok: bool, seconds: float) -> None:
@@ -480,11 +482,11 @@ class HealthWindow:
 
     def error_rate(self, now: float) -> float | None:
         recent = self._recent(now)
-        return sum(1 for _, ok, _ in recent if not ok) / len(recent) if recent else None
+        return sum(1 for _, ok, _ in recent if not ok) / len(recent) if len(recent) >= self.min_samples else None
 
     def p99(self, now: float) -> float | None:
         latencies = sorted(s for _, ok, s in self._recent(now) if ok)
-        if not latencies:
+        if len(latencies) < self.min_samples:
             return None
         return latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
 

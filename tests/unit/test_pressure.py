@@ -266,6 +266,10 @@ def test_one_worker_host_degrades_to_one_worker() -> None:
 def test_health_window_error_rate_and_p99() -> None:
     window = HealthWindow(window=60.0, keep=1000)
     assert window.error_rate(0.0) is None and window.p99(0.0) is None
+    for _ in range(19):
+        window.record(0.0, ok=False, seconds=9.0)
+    assert window.error_rate(0.0) is None and window.p99(0.0) is None  # 19 requests: no trend yet
+    window.samples.clear()
     for i in range(100):
         window.record(float(i) * 0.1, ok=i % 10 != 0, seconds=0.01 * (i + 1))
     assert window.error_rate(10.0) == pytest.approx(0.1)
