@@ -51,7 +51,7 @@ from shm_model.pressure import (
 )
 from shm_model.protocol import Frame, error_reply, reply_id, request_id, request_op, result_reply
 from shm_model.scheduling import Piece
-from workers.backends import Backend, load_backend
+from workers.models import ModelSet, load_models
 from workers.worker import WORKER_BOOT_ERROR, channel_frame_limit
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,12 @@ class Supervisor:
         """Refuse to start, before loading anything, when the model cannot fit: its weights by placement and
         dtype (from the checkpoint), the model runtime and the workers, against RAM available, the cgroup's
         room and SHM_MODEL_MEMORY_LIMIT."""
-        by_dtype: dict[str, int] = {}
+        by_dtype: collections.Counter[str] = collections.Counter()
         if self.cfg.backend != "dummy":
             from workers.backends import resolve_model
 
-            by_dtype = checkpoint_bytes(resolve_model(self.model_cfg).location)
+            for name in self.model_cfg.names:
+                by_dtype.update(checkpoint_bytes(resolve_model(replace(self.model_cfg, name=name)).location))
         needs = GenerationNeeds.from_checkpoint(
             by_dtype,
             placement=self.cfg.weights,
@@ -221,28 +222,31 @@ class Supervisor:
             "(SHM_MODEL_MEMORY_LIMIT, the cgroup's limit) would fit",
         )
 
-    def _load(self) -> Backend:
+    def _load(self) -> ModelSet:
         self.pool.loading_model = True
         try:
             started = time.perf_counter()
-            backend = load_backend(self.model_cfg, self.cfg)
-            log.info(
-                "loaded %s (%s, dim %d) in %.2fs; weights %s",
-                backend.name,
-                self._device,
-                backend.dimension,
-                time.perf_counter() - started,
-                backend.placement,
-            )
-            return backend
+            models = load_models(self.model_cfg, self.cfg)
+            for backend in models:
+                log.info(
+                    "loaded %s (%s, dim %d) in %.2fs; weights %s",
+                    backend.name,
+                    self._device,
+                    backend.dimension,
+                    backend.load_seconds,
+                    backend.placement,
+                )
+            if len(models) > 1:
+                log.info("loaded %d models in %.2fs", len(models), time.perf_counter() - started)
+            return models
         finally:
             self.pool.loading_model = False
 
     def _set_meta(self, meta: dict[str, Any]) -> None:
         self._meta = meta
-        self.dispatcher.meta = meta
+        self.dispatcher.set_models(meta)
 
-    async def _start_generation(self, generation: int, backend: Backend | None) -> None:
+    async def _start_generation(self, generation: int, backend: ModelSet | None) -> None:
         started = time.perf_counter()
         metas = await self.pool.start_generation(generation, backend)
         if self._start_method == "spawn" and metas:
@@ -299,7 +303,9 @@ class Supervisor:
 
     def _generation_needs(self) -> GenerationNeeds:
         """What one more generation of the serving model needs: its copied weights and its workers."""
-        weights = self.pool.backend.placement if self.pool.backend is not None else {}
+        weights: collections.Counter[str] = collections.Counter()
+        for backend in self.pool.backend or ():
+            weights.update(backend.placement)
         return self.watch.needs(weights, self.watch.policy.full.workers)
 
     def _health(self) -> dict[str, Any]:
@@ -438,7 +444,7 @@ class Supervisor:
             log.info("reloaded: generation %d serving", generation)
             return {**self.info(), "reload_mode": mode}
 
-    async def _load_generation(self, generation: int) -> Backend | None:
+    async def _load_generation(self, generation: int) -> ModelSet | None:
         """Load the model again (fork) and start a full set of workers on it; workers of a failed start retire."""
         backend = None
         if self._start_method == "fork":
