@@ -57,7 +57,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_cuda_with_room_is_chosen_after_checking_free_memory(fake_cuda: dict[str, Any]) -> None:
-    from workers.backends import resolve_device
+    from workers.model_source import resolve_device
 
     assert resolve_device("auto", 2 * GiB) == "cuda"
     assert resolve_device("cuda", 2 * GiB) == "cuda"
@@ -67,7 +67,7 @@ def test_cuda_with_room_is_chosen_after_checking_free_memory(fake_cuda: dict[str
 def test_cuda_without_room_means_cpu_on_auto_and_an_error_naming_the_numbers_on_cuda(
     fake_cuda: dict[str, Any],
 ) -> None:
-    from workers.backends import resolve_device
+    from workers.model_source import resolve_device
 
     fake_cuda["free"] = 1 * GiB
     assert resolve_device("auto", 2 * GiB) == "cpu"

@@ -195,7 +195,7 @@ class Supervisor:
     def _resolve_device(self) -> str:
         if self.cfg.backend == "dummy":
             return "cpu"
-        from workers.backends import resolve_device
+        from workers.model_source import resolve_device
 
         return resolve_device(self.model_cfg.device)
 
@@ -205,7 +205,7 @@ class Supervisor:
         room and SHM_MODEL_MEMORY_LIMIT."""
         by_dtype: collections.Counter[str] = collections.Counter()
         if self.cfg.backend != "dummy":
-            from workers.backends import resolve_model
+            from workers.model_source import resolve_model
 
             for name in self.model_cfg.names:
                 by_dtype.update(checkpoint_bytes(resolve_model(replace(self.model_cfg, name=name)).location))
