@@ -21,14 +21,8 @@ TEI_ROUTES = ("/embed", "/tokenize", "/info", "/health")
 MAX_MESSAGE_CHARS = 300
 
 
-class ModelNotFound(errors.BadRequest):
-    """A request names a model this server does not serve."""
-
-    code = "model_not_found"
-
-
 STATUS = {
-    ModelNotFound: 404,
+    errors.ModelNotFound: 404,
     errors.PayloadTooLarge: 413,
     errors.BadRequest: 422,
     errors.Overloaded: 429,

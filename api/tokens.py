@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from api.errors import ModelNotFound
 from api.schemas import MAX_INPUT_CHARS, is_id
 from shm_model import errors
 
@@ -99,7 +98,7 @@ def tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list
 
 def check_model(name: str | None, info: dict[str, Any]) -> None:
     if name is not None and name not in served_names(info):
-        raise ModelNotFound(
+        raise errors.ModelNotFound(
             f"the model {name[:80]!r} is not served here; this server serves {info.get('model')!r}",
             param="model",
         )

