@@ -35,6 +35,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "shm_model": APPS,
     "workers": ("shm_model.client", *ABOVE_CLIENT, *APPS),
     "tablerag": ("api_server", "api", "fastapi", "uvicorn", "starlette", "shm_model.host", "workers"),
+    # The HTTP app's parts: the model only through the manager; the entry point assembles them.
+    "api": ("api_server", "rag_with_tables", "benchmarks", "workers", "torch", "shm_model.client", "shm_model.host"),
 }
 
 
