@@ -174,7 +174,7 @@ class Supervisor:
     def _resolve_device(self) -> str:
         if self.cfg.backend == "dummy":
             return "cpu"
-        from workers.backends import resolve_device
+        from workers.model_source import resolve_device
 
         return resolve_device(self.model_cfg.device)
 

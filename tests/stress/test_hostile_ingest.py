@@ -22,7 +22,7 @@ from tablerag.ingest import Ingestor, IngestReport
 from tablerag.limits import IngestLimits
 from tablerag.store import ModelMismatch, SQLiteStore
 from tests.conftest import ROOT, Host, base_env, launch
-from tests.test_rag import HashModel
+from tests.integration.test_rag import HashModel
 
 # --- hostile files -----------------------------------------------------------------------
 
