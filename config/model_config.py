@@ -94,6 +94,7 @@ class HostConfig:
     max_batch_tokens: int = 16384
     bulk_batch_ms: int = 250
     bulk_share: float = 0.2
+    pause_bulk: bool = True
     weights: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024
     allowed_uids: tuple[int, ...] = ()

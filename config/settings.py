@@ -257,6 +257,15 @@ SETTINGS: tuple[Setting, ...] = (
         "host",
     ),
     _s(
+        "SHM_MODEL_PAUSE_BULK",
+        "pause_bulk",
+        "true",
+        "pause a running bulk batch between the model's layers while interactive requests use its cores "
+        "(CPU, forked workers, threads on auto)",
+        BOOL,
+        "host",
+    ),
+    _s(
         "SHM_MODEL_WEIGHTS",
         "weights",
         "auto",

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,11 @@ class Backend(abc.ABC):
 
     def set_threads(self, threads: int) -> None:
         """Use this many intra-op threads from the next batch on (the supervisor decides per batch)."""
+        return None
+
+    def set_gate(self, gate: Callable[[], None]) -> None:
+        """Call ``gate`` between the model's layers: it returns at once, or waits while the
+        supervisor has paused this worker's batch (so that a query can use its cores)."""
         return None
 
     @abc.abstractmethod
@@ -149,6 +155,12 @@ class SentenceTransformerBackend(Backend):
     def set_threads(self, threads: int) -> None:
         self._torch.set_num_threads(threads)
 
+    def set_gate(self, gate: Callable[[], None]) -> None:
+        layers = transformer_layers(self.model)
+        for layer in layers:
+            layer.register_forward_pre_hook(lambda module, args: gate())
+        log.debug("batches can pause between %d layers", len(layers))
+
     def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
         with self._torch.inference_mode():
             vectors = self.model.encode(
@@ -174,11 +186,21 @@ class SentenceTransformerBackend(Backend):
         return [len(ids) for ids in encoded["input_ids"]]
 
 
+def transformer_layers(model: Any) -> list[Any]:
+    """The repeated blocks of a model (the longest ``ModuleList``: a BERT or XLM-RoBERTa
+    encoder's layers), or none."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
 class DummyBackend(Backend):
     """Deterministic hash vectors with no model: fast tests and transport benchmarks.
 
     Texts that start with these markers inject faults, for the reliability tests:
-    ``__sleep__:SECONDS`` sleeps, ``__crash__`` kills the worker, ``__error__`` raises;
+    ``__sleep__:SECONDS`` sleeps (in 10 ms steps, passing the gate between steps as a model
+    passes it between layers), ``__crash__`` kills the worker, ``__error__`` raises;
     ``__threads__`` gets a vector filled with the intra-op threads its batch was given.
     """
 
@@ -195,9 +217,13 @@ class DummyBackend(Backend):
         self.device = "cpu"
         self.prompts = {"query": "query: ", "passage": "passage: "}
         self.threads = 1
+        self.gate: Callable[[], None] = lambda: None
 
     def prepare_worker(self, threads: int) -> None:
         self.threads = threads
+
+    def set_gate(self, gate: Callable[[], None]) -> None:
+        self.gate = gate
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads
@@ -213,7 +239,10 @@ class DummyBackend(Backend):
     def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
         for text in texts:
             if text.startswith("__sleep__:"):
-                time.sleep(float(text.split(":", 1)[1]))
+                end = time.monotonic() + float(text.split(":", 1)[1])
+                while time.monotonic() < end:
+                    self.gate()
+                    time.sleep(min(0.01, max(0.0, end - time.monotonic())))
             elif text == "__crash__":
                 os.kill(os.getpid(), 9)
             elif text == "__error__":

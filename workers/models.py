@@ -6,7 +6,7 @@ request names another by its served name or by the name it was configured with.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from config.model_config import HostConfig, ModelConfig
@@ -52,6 +52,10 @@ class ModelSet:
     def set_threads(self, threads: int) -> None:
         for backend in self.backends:
             backend.set_threads(threads)
+
+    def set_gate(self, gate: Callable[[], None]) -> None:
+        for backend in self.backends:
+            backend.set_gate(gate)
 
     @property
     def weight_bytes(self) -> int:

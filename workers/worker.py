@@ -15,11 +15,13 @@ import argparse
 import ctypes
 import faulthandler
 import logging
+import mmap
 import os
 import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +75,7 @@ class Worker:
         parent_pid: int,
         max_frame_bytes: int,
         forked: bool,
+        pause: mmap.mmap | None = None,
     ) -> None:
         self.channel_fd = channel_fd
         self.backend = backend
@@ -81,6 +84,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.frame_limit = channel_frame_limit(max_frame_bytes)
         self.forked = forked
+        self.pause = pause  # one shared byte: nonzero while the supervisor pauses this worker's batch
         self.channel: socket.socket | None = None
 
     def init_process(self) -> None:
@@ -105,6 +109,8 @@ class Worker:
     def run(self) -> int:
         assert self.backend is not None and self.channel is not None
         self.backend.prepare_worker(self.threads)
+        if self.pause is not None:
+            self.backend.set_gate(pause_gate(self.pause))
         self.channel.sendall(pack({"op": "ready", "pid": os.getpid(), "backend": self.backend.describe()}))
         log.info("ready (%d torch threads)", self.threads)
         while True:
@@ -137,6 +143,21 @@ class Worker:
         except Exception as exc:
             log.exception("encode failed")
             return error_reply(batch_id, InternalError(f"encode failed: {type(exc).__name__}: {exc}"))
+
+
+#: How often a paused batch looks whether it may go on.
+PAUSE_POLL_SECONDS = 0.001
+
+
+def pause_gate(flag: mmap.mmap) -> Callable[[], None]:
+    """A gate that waits while ``flag``'s byte is set (the supervisor sets it to lend this
+    worker's cores to a query, and clears it when the query is done)."""
+
+    def gate() -> None:
+        while flag[0]:
+            time.sleep(PAUSE_POLL_SECONDS)
+
+    return gate
 
 
 def run_forked(worker: Worker) -> None:

@@ -225,34 +225,61 @@ class Dispatcher:
 
         With threads on auto, a batch gets the cores no busy worker holds (``CoreShare``): all of
         them for a lone batch on a quiet host, a fair share on a busy one. A batch never starts
-        on cores another batch holds, so threads never outnumber cores.
+        on cores another batch holds, so threads never outnumber cores, with one exception that
+        gives them back: an interactive batch may take the cores of a running bulk batch, which
+        then waits between two of the model's layers until no interactive batch runs.
         """
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         while self.scheduler.pending():
             idle = self.pool.idle()
             if not idle:
-                return
-            threads = self._threads_for_next(loop.time(), len(idle))
+                break
+            threads = self._threads_for_next(now, len(idle))
+            if threads < 1 and self._pause_bulk(now):
+                threads = self._threads_for_next(now, len(idle))
             if threads < 1:
-                return  # the cores are held: the next batch starts when one is released
-            pieces = self.scheduler.take(loop.time(), threads)
+                break  # the cores are held: the next batch starts when one is released
+            pieces = self.scheduler.take(now, threads)
             if not pieces:
-                return
+                break
             priority = pieces[0].request.priority
             if self.dynamic_threads and priority != "bulk" and not self.scheduler.pending(priority):
-                threads = self.core_share.last(loop.time(), self._held())
+                threads = self.core_share.last(now, self._held())
             worker = idle[0]
             worker.assign(pieces, threads, priority)
             self.background(self._run_batch(worker, pieces))
+        self._resume_bulk(now)
+
+    def _pause_bulk(self, now: float) -> bool:
+        """Lend the cores of running bulk batches to the interactive batch that is next."""
+        if not (self.cfg.pause_bulk and self.dynamic_threads) or self.scheduler.next_priority() != "interactive":
+            return False
+        paused = False
+        for w in self.pool.busy():
+            if w.priority == "bulk" and w.pause is not None and w.paused_since is None:
+                w.set_paused(True, now)
+                self.counters["bulk_pauses"] += 1
+                paused = True
+        return paused
+
+    def _resume_bulk(self, now: float) -> None:
+        """Let paused bulk batches go on once no interactive batch runs."""
+        busy = self.pool.busy()
+        if any(w.priority != "bulk" for w in busy):
+            return
+        for w in busy:
+            if w.paused_since is not None:
+                w.set_paused(False, now)
 
     def _held(self) -> int:
-        return sum(w.threads for w in self.pool.busy())
+        """Threads of the batches that run (a paused bulk batch holds none)."""
+        return sum(w.threads for w in self.pool.busy() if w.paused_since is None)
 
     def _threads_for_next(self, now: float, idle: int) -> int:
         if not self.dynamic_threads:
             return self.threads
         busy = self.pool.busy()
-        held = sum(w.threads for w in busy)
+        held = self._held()
         if self.scheduler.next_priority() == "bulk" and self.scheduler.bulk_text_over_budget():
             return self.core_share.bulk(held, any(w.priority == "bulk" for w in busy))
         interactive = sum(1 for w in busy if w.priority != "bulk")
@@ -286,6 +313,7 @@ class Dispatcher:
             return
         if w.batch is not pieces:  # lost meanwhile: its pieces were already requeued
             return
+        paused = w.paused_seconds + (loop.time() - w.paused_since if w.paused_since is not None else 0.0)
         w.take_batch()
         if frame.header.get("id") != batch_id:
             log.error("worker %d answered batch %r for %d; this is a bug", w.pid, frame.header.get("id"), batch_id)
@@ -303,7 +331,8 @@ class Dispatcher:
             except ProtocolError as exc:
                 self.batch_failed(pieces, InternalError(str(exc)), crashed=False)
             else:
-                self.scheduler.observe(w.threads, padded, loop.time() - started, pieces[0].request.priority)
+                seconds = loop.time() - started - paused  # the time it ran, not the time it waited
+                self.scheduler.observe(w.threads, padded, seconds, pieces[0].request.priority)
                 self.deliver(w, pieces, vectors, tokens)
         else:
             self.batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
