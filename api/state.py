@@ -20,6 +20,9 @@ from tablerag.jobs import Jobs
 from tablerag.retrieval import Retriever
 from tablerag.store import Store, open_store
 
+#: Tokenizers kept at once (one per served model's folder).
+MAX_TOKENIZERS = 8
+
 
 @dataclass(kw_only=True)
 class AppState:
@@ -33,7 +36,7 @@ class AppState:
     jobs: Jobs = field(init=False, repr=False)
     opened_store: Store | None = field(default=None, init=False, repr=False)
     cached_retriever: Retriever | None = field(default=None, init=False, repr=False)
-    cached_tokenizer: tuple[str, Any] | None = field(default=None, init=False, repr=False)
+    tokenizers: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # by model folder
 
     def model(self) -> Any:
         return self.manager.get_model()
@@ -54,12 +57,13 @@ class AppState:
         return cached
 
     def tokenizer(self, info: dict[str, Any]) -> Any:
-        """The served model's tokenizer (``tokenizer.json`` in its folder), loaded once per folder."""
+        """A served model's tokenizer (``tokenizer.json`` in its folder), loaded once per folder."""
         folder = str(info.get("model_path") or "")
-        cached = self.cached_tokenizer
-        if cached is None or cached[0] != folder:
-            cached = self.cached_tokenizer = (folder, load_tokenizer(folder))
-        return cached[1]
+        if folder not in self.tokenizers:
+            if len(self.tokenizers) >= MAX_TOKENIZERS:
+                self.tokenizers.clear()  # the host was reloaded with other models
+            self.tokenizers[folder] = load_tokenizer(folder)
+        return self.tokenizers[folder]
 
 
 @asynccontextmanager

@@ -17,12 +17,31 @@ MAX_TOKENIZE_TOKENS = 32_768
 
 
 def served_names(info: dict[str, Any]) -> set[str]:
-    """Names a request may give the served model: its name (MODEL_NAME of the host: an alias, a
-    hub id or a folder), that name's last part, and its folder's name."""
-    names = {str(info.get("model") or "")}
-    names.add(os.path.basename(next(iter(names)).rstrip("/")))
+    """Names a request may give a served model: its name (MODEL_NAME of the host: an alias, a
+    hub id or a folder), that name's last part, its folder's name and the alias it was configured as."""
+    names = {str(info.get("model") or ""), str(info.get("alias") or "")}
+    names.add(os.path.basename(str(info.get("model") or "").rstrip("/")))
     names.add(os.path.basename(str(info.get("model_path") or "").rstrip("/")))
     return names - {""}
+
+
+def served_models(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every model the host serves (``info["models"]``; the first is the default)."""
+    return list(info.get("models") or [info])
+
+
+def served_model(name: str | None, info: dict[str, Any]) -> dict[str, Any]:
+    """The served model a request names (None: the default); an unknown name is ModelNotFound."""
+    models = served_models(info)
+    if name is None:
+        return models[0]
+    for model in models:
+        if name in served_names(model):
+            return model
+    served = ", ".join(repr(str(m.get("model"))) for m in models)
+    raise errors.ModelNotFound(
+        f"the model {name[:80]!r} is not served here; this server serves {served}", param="model"
+    )
 
 
 def load_tokenizer(folder: str) -> Any:
@@ -94,14 +113,6 @@ def tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list
                 tokens.append({"id": token_id, "text": text[start:stop], "special": False, **span})
         out.append(tokens)
     return out
-
-
-def check_model(name: str | None, info: dict[str, Any]) -> None:
-    if name is not None and name not in served_names(info):
-        raise errors.ModelNotFound(
-            f"the model {name[:80]!r} is not served here; this server serves {info.get('model')!r}",
-            param="model",
-        )
 
 
 def check_dimensions(dimensions: int | None, info: dict[str, Any]) -> int | None:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from api.schemas import EmbeddingsRequest
 from api.state import AppState, AppStateDep
-from api.tokens import check_dimensions, check_model, texts_of
+from api.tokens import check_dimensions, served_model, served_models, texts_of
 
 router = APIRouter()
 
@@ -21,11 +21,18 @@ def model_card(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def openai_embed(api: AppState, body: EmbeddingsRequest) -> JSONResponse:
-    info = api.served()
-    check_model(body.model, info)
+    served = api.served()
+    info = served_model(body.model, served)
     dimensions = check_dimensions(body.dimensions, info)
     texts = texts_of(api, body.input, "input", info)
-    vectors, tokens = api.model().encode(texts, normalize_embeddings=True, truncate_dim=dimensions, return_usage=True)
+    several = len(served_models(served)) > 1  # the model to use is named only when there is a choice
+    vectors, tokens = api.model().encode(
+        texts,
+        normalize_embeddings=True,
+        truncate_dim=dimensions,
+        return_usage=True,
+        **({"model": str(info["model"])} if several else {}),
+    )
     data = []
     for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
         if body.encoding_format == "base64":
@@ -45,14 +52,12 @@ def openai_embed(api: AppState, body: EmbeddingsRequest) -> JSONResponse:
 
 @router.get("/v1/models")
 def models(api: AppStateDep) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(api.served())]}
+    return {"object": "list", "data": [model_card(info) for info in served_models(api.served())]}
 
 
 @router.get("/v1/models/{model_id:path}")
 def model_by_id(model_id: str, api: AppStateDep) -> dict[str, Any]:
-    info = api.served()
-    check_model(model_id, info)
-    return model_card(info)
+    return model_card(served_model(model_id, api.served()))
 
 
 @router.post("/v1/embeddings", response_model=None)
