@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -515,6 +516,10 @@ def degraded_reasons(
 # --- the host's watch ----------------------------------------------------------------------------------
 
 
+#: Seconds between measurements of the workers' own memory while serving.
+WORKER_MEASURE_SECONDS = 30.0
+
+
 class MemoryWatch:
     """The host's view of memory and of its own health: readings, the pressure policy, why workers died and
     how recent requests went. The supervisor calls it; it decides nothing about processes itself."""
@@ -534,6 +539,7 @@ class MemoryWatch:
         self.window = HealthWindow()
         self.restarts: collections.Counter[str] = collections.Counter(dict.fromkeys(CAUSES, 0))
         self.worker_bytes: int | None = None  # the largest worker USS measured
+        self.workers_measured_at = -math.inf
         self.last: MemoryReading | None = None
         self.oom_seen = read_oom_kills(self.cgroup)
 
@@ -555,8 +561,13 @@ class MemoryWatch:
                 self.worker_bytes = max(self.worker_bytes or 0, figures["uss"])
 
     def sample(self, pids: Iterable[int], worker_pids: Iterable[int]) -> MemoryReading:
-        """Measure the workers and take a reading: the part that reads files, run off the event loop."""
-        self.measure_workers(worker_pids)
+        """Take a reading, and every WORKER_MEASURE_SECONDS measure the workers (psutil reads each
+        one's whole smaps: milliseconds for a large model): the part that reads files, run off the
+        event loop."""
+        now = time.monotonic()
+        if now - self.workers_measured_at >= WORKER_MEASURE_SECONDS:
+            self.measure_workers(worker_pids)
+            self.workers_measured_at = now
         return self.read(pids)
 
     def needs(self, weights: Mapping[str, int], workers: int, runtime: int = 0) -> GenerationNeeds:
