@@ -19,6 +19,7 @@ from tablerag.store import Hit
 MAX_TABLE_BYTES = 8 << 10
 #: The sources of one /search and one /chat response, all together.
 MAX_RESPONSE_BYTES = 1 << 20
+NOT_FOUND = "관련 문서를 찾지 못했습니다. (No matching passages in the documents.)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,3 +164,15 @@ def llm_answer(chat: ChatEndpoint, question: str, hits: list[Hit]) -> Iterator[s
                 if received > MAX_RESPONSE_BYTES:
                     break  # an answer is not a megabyte long
                 yield delta
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    declined: bool
+
+
+def respond(question: str, hits: list[Hit]) -> Reply:
+    if not hits:
+        return Reply(NOT_FOUND, True)
+    return Reply(extractive_answer(question, hits), False)
