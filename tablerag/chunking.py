@@ -1,9 +1,14 @@
 """Blocks into chunks: Korean sentences packed to a token budget, one chunk per table row.
 
-A table row becomes a chunk that stands alone: the table's caption and location, then
-``header: value`` for every cell, so "서울특별시 2023년 인구" finds the row. A table that
-fits the budget is also a chunk of its own as Markdown. Text is split into sentences with
-kiwipiepy and packed up to the budget with one sentence of overlap.
+Every chunk is embedded and indexed with its document's context: a first line naming the
+document (its file name, title and the short lines under the title, where organisations,
+years and versions are written), then where in it (section path, sheet, table caption),
+then the content. A table row becomes a chunk that stands alone: that context, then
+``header: value`` for every cell, so "한빛체육센터 2024년 수영 이용료" finds the row of the
+right document among look-alikes. A table that fits the budget is also a chunk of its own as
+Markdown. Text is split into sentences with kiwipiepy and packed up to the budget with one
+sentence of overlap. Boilerplate paragraphs (source lines, footers) stay chunks of their
+own, marked ``furniture`` in their location for retrieval to demote.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ DEFAULT_BUDGET = 256
 #: No token of a real vocabulary is longer: a long word is cut looking this many characters
 #: ahead per token of room, never further.
 CHARS_PER_TOKEN = 16
+#: Characters of the document line every chunk starts with.
+MAX_CONTEXT_CHARS = 160
+#: Short paragraphs under a document's title taken into its context (organisation, date, version).
+HEAD_PARAGRAPHS = 3
+HEAD_PARAGRAPH_CHARS = 60
 #: Morpheme tags kept for BM25: nouns, numbers, roots, verbs and adjectives, foreign words.
 BM25_TAGS = ("NN", "NR", "NP", "SN", "SL", "SH", "XR", "VV", "VA", "MAG")
 
@@ -97,33 +107,77 @@ def location_label(location: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def document_context(blocks: list[Block], name: str = "") -> str:
+    """One line naming the document: its file name (without suffix), its top heading and the
+    short paragraphs that open it, each once, cut to ``MAX_CONTEXT_CHARS``."""
+    parts: list[str] = []
+
+    def add(text: str) -> None:
+        text = " ".join(text.split())
+        if text and not any(text in p for p in parts):
+            parts[:] = [p for p in parts if p not in text] + [text]
+
+    add(os.path.splitext(os.path.basename(name))[0].replace("_", " "))
+    first = next((b.location for b in blocks if b.location.get("section")), {})
+    add(str(first.get("path", first.get("section", ""))).split(" > ")[0])
+    taken = 0
+    for block in blocks:
+        if block.kind != "text" or len(block.text) > HEAD_PARAGRAPH_CHARS or taken == HEAD_PARAGRAPHS:
+            break
+        add(block.text)
+        taken += 1
+    return " | ".join(parts)[:MAX_CONTEXT_CHARS]
+
+
+def place(location: dict[str, Any], caption: str = "") -> str:
+    """Where a chunk is inside its document: section path, sheet, caption."""
+    parts: list[str] = []
+    known = str(location.get("document", ""))
+    for part in (location.get("path") or location.get("section"), location.get("sheet"), caption):
+        if part and str(part) not in known and not any(str(part) in p for p in parts):
+            parts.append(str(part))
+    return " | ".join(parts)
+
+
+def _head(*lines: str) -> str:
+    return "".join(f"{line}\n" for line in lines if line)
+
+
 def row_text(table: Table, row: list[str], location: dict[str, Any]) -> str:
-    context = table.caption or location.get("section") or location.get("sheet") or ""
     pairs = ", ".join(f"{h}: {v}" for h, v in zip(table.header, row, strict=False) if v)
-    return f"{context}\n{pairs}" if context else pairs
+    return _head(str(location.get("document", "")), place(location, table.caption)) + pairs
 
 
-def table_text(table: Table) -> str:
-    return f"{table.caption}\n{table.markdown()}" if table.caption else table.markdown()
+def table_text(table: Table, location: dict[str, Any] | None = None) -> str:
+    where = location or {}
+    return _head(str(where.get("document", "")), place(where, table.caption)) + table.markdown()
 
 
-def chunk_blocks(blocks: list[Block], count: Callable[[str], int], budget: int = DEFAULT_BUDGET) -> list[Chunk]:
-    """Chunks in document order; tables are numbered in the order they appear."""
+def chunk_blocks(
+    blocks: list[Block], count: Callable[[str], int], budget: int = DEFAULT_BUDGET, name: str = ""
+) -> list[Chunk]:
+    """Chunks in document order; tables are numbered in the order they appear. ``name`` is the
+    file's name, part of the document's context."""
     chunks: list[Chunk] = []
     pending: list[Block] = []
     tables = 0
+    context = document_context(blocks, name)
 
     def flush() -> None:
         if pending:
             chunks.extend(_pack_text(pending, count, budget))
             pending.clear()
 
-    for block in blocks:
+    for original in blocks:
+        block = Block(original.kind, original.text, original.table, dict(original.location))
+        if context:
+            block.location["document"] = context
         if block.kind == "table" and block.table is not None:
             flush()
             table = block.table
-            if count(table_text(table)) <= budget:
-                chunks.append(Chunk("table", table_text(table), dict(block.location), table=tables))
+            whole = table_text(table, block.location)
+            if count(whole) <= budget:
+                chunks.append(Chunk("table", whole, dict(block.location), table=tables))
             for row in table.rows:
                 cells = {h: v for h, v in zip(table.header, row, strict=False) if v}
                 chunks.append(Chunk("row", row_text(table, row, block.location), dict(block.location), tables, cells))
@@ -138,8 +192,7 @@ def chunk_blocks(blocks: list[Block], count: Callable[[str], int], budget: int =
 
 def _pack_text(blocks: list[Block], count: Callable[[str], int], budget: int) -> list[Chunk]:
     location = dict(blocks[0].location)
-    heading = location.get("section", "")
-    prefix = f"{heading}\n" if heading else ""
+    prefix = _head(str(location.get("document", "")), place(location))
     room = max(16, budget - count(prefix))
     sentences: list[str] = []
     for block in blocks:

@@ -137,7 +137,7 @@ class Ingestor:
             report.failed.append((key, str(exc)))
             log.info("%s: %s", path, exc)
             return {"status": "failed", "error": str(exc)}
-        chunks = chunk_blocks(blocks, self.count, self.budget)
+        chunks = chunk_blocks(blocks, self.count, self.budget, name=path.name)
         vectors = self.embed([c.text for c in chunks])
         tables = [(b.table, b.location) for b in blocks if b.kind == "table" and b.table is not None]
         doc = DocumentInput(key, digest, path.stat().st_size, tables, chunks, [terms(c.text) for c in chunks], vectors)
