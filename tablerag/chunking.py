@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +34,14 @@ MAX_CONTEXT_CHARS = 160
 #: Short paragraphs under a document's title taken into its context (organisation, date, version).
 HEAD_PARAGRAPHS = 3
 HEAD_PARAGRAPH_CHARS = 60
+#: A paragraph pointing at the table below it ("요금은 다음과 같습니다").
+_POINTER = re.compile(r"(?:다음|아래)[^.]{0,15}(?:같다|같습니다|같음)")
 #: Morpheme tags kept for BM25: nouns, numbers, roots, verbs and adjectives, foreign words.
 BM25_TAGS = ("NN", "NR", "NP", "SN", "SL", "SH", "XR", "VV", "VA", "MAG")
 
 _kiwi_lock = threading.Lock()
+_RUNS = re.compile(r"[가-힣]+|[a-z]+|\d+(?:[.,:]\d+)*")
+_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")
 
 
 @dataclass
@@ -74,6 +79,65 @@ def terms(text: str) -> list[str]:
             if token.tag.startswith("NN") and len(form) >= 3:
                 out += [form[i : i + 2] for i in range(len(form) - 1)]
     return out
+
+
+def grams(text: str) -> set[str]:
+    """Character bigrams of the Hangul runs of ``text`` (a lone syllable as itself), and whole
+    Latin words and numbers."""
+    out: set[str] = set()
+    for run in _RUNS.findall(text.lower()):
+        if "가" <= run[0] <= "힣" and len(run) > 1:
+            out.update(run[i : i + 2] for i in range(len(run) - 1))
+        else:
+            out.add(run)
+    return out
+
+
+#: Names of places and organisations end so ("시립남부병원", "다온시", "북구"); a question naming
+#: one that a passage does not name is not answered by it.
+_NAME = re.compile(
+    r"[가-힣]{1,12}(?:병원|의원|센터|도서관|대학교|재단|진흥원|공단|공사|협회|위원회|청)"
+    r"|[가-힣]{1,3}(?:시|구|군|동)"
+)
+_PARTICLES = re.compile(r"(?:에서|에게|으로|부터|까지|에선|에는|이나|로|은|는|이|가|을|를|의|에|도|와|과|엔|랑)$")
+
+
+def names(text: str) -> set[str]:
+    """Words of ``text`` that name a place or an organisation, without their particles."""
+    out: set[str] = set()
+    for word in re.findall(r"[가-힣]+", text):
+        for form in (word, _PARTICLES.sub("", word)):
+            if len(form) >= 2 and _NAME.fullmatch(form):
+                out.add(form)
+                break
+    return out
+
+
+def _initial(syllable: str) -> int:
+    return (ord(syllable) - 0xAC00) // 588 if "가" <= syllable <= "힣" else -1
+
+
+def _slip(name: str, text: str) -> bool:
+    """``name`` differs from ``text`` in one syllable, with the same initial consonant."""
+    pairs = [(a, b) for a, b in zip(name, text, strict=True) if a != b]
+    return len(pairs) == 1 and _initial(pairs[0][0]) == _initial(pairs[0][1]) >= 0
+
+
+def names_in(wanted: set[str], text: str) -> bool:
+    """Whether ``text`` names each of ``wanted``, allowing one mistyped syllable that keeps its
+    initial consonant ("가온행복도서관" for "가온행보도서관"), not another name ("시립남부병원")."""
+    words = set(re.findall(r"[가-힣]+", text))
+    for name in wanted:
+        n = len(name)
+        if name not in text and not any(
+            _slip(name, word[i : i + n]) for word in words for i in range(len(word) - n + 1)
+        ):
+            return False
+    return True
+
+
+def years(text: str) -> set[str]:
+    return set(_YEAR.findall(text))
 
 
 class TokenCounter:
@@ -168,10 +232,12 @@ def chunk_blocks(
             chunks.extend(_pack_text(pending, count, budget))
             pending.clear()
 
-    for original in blocks:
+    for i, original in enumerate(blocks):
         block = Block(original.kind, original.text, original.table, dict(original.location))
         if context:
             block.location["document"] = context
+        if i + 1 < len(blocks) and blocks[i + 1].kind == "table" and _POINTER.search(block.text):
+            block.location["furniture"] = 1  # "... 다음과 같다": says where the answer is, not what
         if block.kind == "table" and block.table is not None:
             flush()
             table = block.table

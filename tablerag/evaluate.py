@@ -98,8 +98,8 @@ def relevant(result: Result, question: Question) -> bool:
 
 
 def contains_value(answer: str, value: str) -> bool:
-    """The value in the answer, spaces aside, not as part of a longer number ('940' is not in '1940')."""
-    text, wanted = re.sub(r"\s+", "", answer), re.sub(r"\s+", "", value)
+    """The value in the answer, not as part of a longer number ('940' is not in '1940')."""
+    text, wanted = re.sub(r"\s+", " ", answer), re.sub(r"\s+", " ", value).strip()
     if not wanted:
         return False
     pattern = (r"(?<!\d)(?<!\d[,.])" if wanted[0].isdigit() else "") + re.escape(wanted)

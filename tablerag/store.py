@@ -83,6 +83,7 @@ class Hit:
     row: dict[str, str] | None
     table_caption: str | None
     table_markdown: str | None
+    evidence: float = 1.0  # share of the question's distinctive words found in the chunk, year-checked
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
