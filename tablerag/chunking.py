@@ -24,6 +24,9 @@ from typing import Any
 
 from tablerag.documents import Block, Table
 
+#: How chunks are made; a store whose chunks were made otherwise is re-chunked on ingest.
+#: 1: rows with their caption; 2: every chunk with its document's context.
+CHUNKER_VERSION = "2"
 #: Tokens per text chunk when the model allows more; shorter chunks retrieve more precisely.
 DEFAULT_BUDGET = 256
 #: No token of a real vocabulary is longer: a long word is cut looking this many characters
@@ -188,6 +191,8 @@ def document_context(blocks: list[Block], name: str = "") -> str:
     for block in blocks:
         if block.kind != "text" or len(block.text) > HEAD_PARAGRAPH_CHARS or taken == HEAD_PARAGRAPHS:
             break
+        if re.search(r"(?:다|요|니다)\s*[.!?]\s*$", block.text):
+            break  # a sentence: the body has begun
         add(block.text)
         taken += 1
     return " | ".join(parts)[:MAX_CONTEXT_CHARS]
