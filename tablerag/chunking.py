@@ -184,7 +184,6 @@ def document_context(blocks: list[Block], name: str = "") -> str:
         if text and not any(text in p for p in parts):
             parts[:] = [p for p in parts if p not in text] + [text]
 
-    add(os.path.splitext(os.path.basename(name))[0].replace("_", " "))
     first = next((b.location for b in blocks if b.location.get("section")), {})
     add(str(first.get("path", first.get("section", ""))).split(" > ")[0])
     taken = 0
@@ -195,6 +194,10 @@ def document_context(blocks: list[Block], name: str = "") -> str:
             break  # a sentence: the body has begun
         add(block.text)
         taken += 1
+    stem = os.path.splitext(os.path.basename(name))[0].replace("_", " ")
+    known = grams(" ".join(parts))
+    if stem and len(grams(stem) - known) > len(grams(stem)) / 3:  # the file name says more than the title
+        parts.insert(0, stem)
     return " | ".join(parts)[:MAX_CONTEXT_CHARS]
 
 
@@ -202,7 +205,8 @@ def place(location: dict[str, Any], caption: str = "") -> str:
     """Where a chunk is inside its document: section path, sheet, caption."""
     parts: list[str] = []
     known = str(location.get("document", ""))
-    for part in (location.get("path") or location.get("section"), location.get("sheet"), caption):
+    path = [p for p in str(location.get("path") or location.get("section") or "").split(" > ") if p not in known]
+    for part in (" > ".join(path), location.get("sheet"), caption):
         if part and str(part) not in known and not any(str(part) in p for p in parts):
             parts.append(str(part))
     return " | ".join(parts)
