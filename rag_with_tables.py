@@ -103,38 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.db = args.db or config.db
-    if args.command == "samples":
-        from pathlib import Path
+    if args.command in ("samples", "collection"):
+        from tablerag import collection, samples
 
-        from tablerag.samples import write_corpus, write_questions
-
-        try:
-            paths = write_corpus(Path(args.folder))
-        except RuntimeError as exc:  # no Korean font for the PDF
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        for path in paths:
-            print(path)
-        if args.questions:
-            write_questions(Path(args.questions))
-            print(args.questions)
-        return 0
-    if args.command == "collection":
-        from pathlib import Path
-
-        from tablerag import collection
-
-        try:
-            paths = collection.write_collection(Path(args.folder))
-        except RuntimeError as exc:  # no Korean font for the PDFs
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        for path in paths:
-            print(path)
-        if args.questions:
-            collection.write_questions(Path(args.questions))
-            print(args.questions)
-        return 0
+        module: Any = samples if args.command == "samples" else collection
+        return _write_files(module.write_corpus if module is samples else module.write_collection, module, args)
     if args.command == "evaluate" and args.api:
         return _evaluate(None, None, args)
     if getattr(args, "k", 1) < 1:
@@ -170,6 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         store.close()
+
+
+def _write_files(write: Any, module: Any, args: argparse.Namespace) -> int:
+    """Write a generated corpus (and its questions) to the folder named, listing the files."""
+    from pathlib import Path
+
+    try:
+        paths = write(Path(args.folder))
+    except RuntimeError as exc:  # no Korean font for the PDFs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    if args.questions:
+        module.write_questions(Path(args.questions))
+        print(args.questions)
+    return 0
 
 
 def _ingest(store: Any, model: Any, args: argparse.Namespace) -> int:

@@ -229,7 +229,8 @@ def waste_terms(d: int) -> dict[str, str]:
 
 
 def write_collection(folder: Path) -> list[Path]:
-    """Write every file of the collection to ``folder``; the same bytes each run (but PDF dates)."""
+    """Write every file of the collection to ``folder``: the same content each run (DOCX and XLSX files
+    also record when they were written)."""
     folder.mkdir(parents=True, exist_ok=True)
     return [writer(folder) for writer in writers()]
 
