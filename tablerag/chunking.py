@@ -121,9 +121,13 @@ def _initial(syllable: str) -> int:
 
 
 def _slip(name: str, text: str) -> bool:
-    """``name`` differs from ``text`` in one syllable, with the same initial consonant."""
+    """``name`` differs from ``text`` in one syllable, with the same initial consonant (and, in a
+    word of two syllables, the same vowel: "순영" for "수영", not "약학" for "의학")."""
     pairs = [(a, b) for a, b in zip(name, text, strict=True) if a != b]
-    return len(pairs) == 1 and _initial(pairs[0][0]) == _initial(pairs[0][1]) >= 0
+    if len(pairs) != 1 or not _initial(pairs[0][0]) == _initial(pairs[0][1]) >= 0:
+        return False
+    a, b = (ord(c) - 0xAC00 for c in pairs[0])
+    return len(name) > 2 or (a % 588) // 28 == (b % 588) // 28
 
 
 def names_in(wanted: set[str], text: str) -> bool:

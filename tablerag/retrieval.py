@@ -13,7 +13,8 @@ sheet, section, caption; ``tablerag.chunking``):
 - boilerplate (source lines, footers, page numbers: ``furniture`` in the location) is demoted.
 
 Each hit's ``evidence`` is its coverage, or 0 when it lacks a year or a name of a place or
-organisation (``chunking.names``) that the question asks about; ``tablerag.answers``
+organisation (``chunking.names``) that the question asks about, or when it is a row that
+the question names nothing of (a question on "치과" is not answered by the row of "내과"); ``tablerag.answers``
 declines to answer below ``answers.MIN_EVIDENCE``. A cross-encoder
 would read paraphrases better than bigram coverage, but needs a host serving two models.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -140,9 +142,30 @@ class Retriever:
             year = 0.0
             if asked:
                 year = 1.0 if asked <= named else (-1.0 if named else -0.5)
-            # No evidence without the year or the name the question asks about.
-            hit.evidence = coverage if asked <= named and names_in(called, hit.text) else 0.0
+            # No evidence without the year or the name the question asks about, nor from a row
+            # the question does not point at (by its label or one of its cells).
+            rows = [hit.row] if hit.row else _rows(hit.table_markdown) if hit.kind == "table" else []
+            pointed = not rows or any(_points_at(query, row) for row in rows)
+            hit.evidence = coverage if asked <= named and names_in(called, hit.text) and pointed else 0.0
             hit.score = (
                 W_RANK * hit.score + W_COVERAGE * coverage + W_YEAR * year - W_FURNITURE * ("furniture" in hit.location)
             )
         return sorted(hits, key=lambda h: -h.score)
+
+
+def _points_at(query: str, row: dict[str, str]) -> bool:
+    """Whether the question names something of the row: a bigram or number of one of its cells,
+    or a word of its label with one mistyped syllable ("순영" for "수영")."""
+    cells = list(row.values())
+    if grams(query) & grams(" ".join(cells)):
+        return True
+    return any(names_in({word}, query) for word in re.findall(r"[가-힣]{2,}", cells[0] if cells else ""))
+
+
+def _rows(markdown: str | None) -> list[dict[str, str]]:
+    """The body rows of a table's Markdown, as header -> value."""
+    lines = [line.strip().strip("|") for line in (markdown or "").splitlines() if line.startswith("|")]
+    if len(lines) < 3:
+        return []
+    header = [c.strip() for c in lines[0].split("|")]
+    return [dict(zip(header, (c.strip() for c in line.split("|")), strict=False)) for line in lines[2:]]

@@ -91,7 +91,7 @@ def test_bm25_with_the_reranking_stage_finds_and_answers_on_the_collection(store
     overall = figures["all"]
     assert overall["hit@1"] >= 0.9 and overall["recall@5"] >= 0.97, figures
     assert overall["answer"] >= 0.85 and overall["declined"] <= 0.05, figures
-    assert overall["no_answer"] >= 0.5, figures
+    assert overall["no_answer"] >= 0.7, figures
     assert figures["by_kind"]["distractor"]["hit@1"] >= 0.85, figures
 
 
@@ -127,3 +127,16 @@ def test_a_store_of_the_old_chunker_is_rechunked_on_ingest(folder: Path, tmp_pat
         store.set_setting("chunker", "1")  # as a store made before contextual chunks
         assert len(ingestor.ingest(files).replaced) == 2 and store.stats()["chunker"] == "2"
         assert len(ingestor.ingest(files).unchanged) == 2
+
+
+def test_evidence_needs_the_names_years_and_row_the_question_points_at() -> None:
+    from tablerag.chunking import names, names_in
+    from tablerag.retrieval import _points_at
+
+    assert names("시립남부병원 내과 진료 시간은?") == {"시립남부병원"} and names("북구에서 몇 시에") == {"북구"}
+    assert not names("한 달 배우려면 얼마를 내야 하나요?")  # verbs ending in 면/시 are not names
+    assert names_in({"가온행보도서관"}, "도서관명: 가온행복도서관") and not names_in({"시립남부병원"}, "시립북부병원")
+    row = {"진료과": "내과", "평일 진료 시간": "08:30~17:00"}
+    assert _points_at("시립중앙병원 내과 평일 진료 시간", row) and not _points_at("시립중앙병원 치과 진료 시간", row)
+    assert _points_at("수영 강습 시간", {"프로그램": "순영"}) and not _points_at("약학 계열", {"계열": "의학"})
+    assert _points_at("400kWh를 넘게 쓰면 기본요금은?", {"구간": "3단계", "월 사용량(kWh)": "400 초과"})
