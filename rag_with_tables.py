@@ -242,8 +242,12 @@ def _evaluate(store: Any, model: Any, args: argparse.Namespace) -> int:
         retriever.check_model()
         backend = StoreBackend(retriever)
         source = (store.model() or (None,))[0]
-    questions = collection.questions() if args.collection else load_questions(args.questions)
-    result = evaluate(backend, questions, k=args.k, modes=args.mode or MODES)
+    try:
+        questions = collection.questions() if args.collection else load_questions(args.questions)
+        result = evaluate(backend, questions, k=args.k, modes=args.mode or MODES)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # a bad questions file, a failing API
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result["source"] = source
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=1))

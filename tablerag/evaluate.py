@@ -66,7 +66,12 @@ class ApiBackend:
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = self.client.post(path, json=body)
+        import httpx
+
+        try:
+            response = self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"{self.client.base_url}{path}: {exc}") from exc
         if response.status_code != 200:
             raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:300]}")
         data: dict[str, Any] = response.json()
