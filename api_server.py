@@ -227,10 +227,7 @@ class ChatRequest(BaseModel):
 # --- errors to HTTP, in one place --------------------------------------------------------------
 
 
-class ModelNotFound(errors.BadRequest):
-    """A request names a model this server does not serve."""
-
-    code = "model_not_found"
+ModelNotFound = errors.ModelNotFound
 
 
 STATUS = {

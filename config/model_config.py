@@ -7,6 +7,7 @@ Nothing reads the environment at import time and nothing imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -56,12 +57,23 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ConfigError("MODEL_NAME is empty")
+        if len(set(self.names)) != len(self.names) or not all(self.names):
+            raise ConfigError(f"MODEL_NAME={self.name!r:.200} lists an empty or repeated model name")
         if self.device not in DEVICES:
             raise ConfigError(f"MODEL_DEVICE={self.device!r} is invalid; allowed values: {', '.join(DEVICES)}")
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> ModelConfig:
         return cls(**read("model", env))
+
+    @property
+    def names(self) -> list[str]:
+        """The models to serve (``MODEL_NAME=a,b``); the first is the default."""
+        return [part.strip() for part in self.name.split(",")]
+
+    def first(self) -> ModelConfig:
+        """This configuration for the default model alone."""
+        return dataclasses.replace(self, name=self.names[0])
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +93,7 @@ class HostConfig:
     max_batch_tokens: int = 16384
     bulk_batch_ms: int = 250
     bulk_share: float = 0.2
+    pause_bulk: bool = True
     weights: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024
     allowed_uids: tuple[int, ...] = ()

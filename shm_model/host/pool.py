@@ -22,6 +22,7 @@ import collections
 import contextlib
 import enum
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -76,6 +77,9 @@ class WorkerHandle:
     priority: str = ""  # class of the batch it runs
     watchdog: asyncio.TimerHandle | None = None
     aborted: bool = False  # killed by the watchdog: its batch timed out, it did not crash
+    pause: PauseFlag | None = None  # a byte shared with the worker: set, its batch waits between layers
+    paused_since: float | None = None  # loop time its batch was paused, while it is
+    paused_seconds: float = 0.0  # time its current batch spent paused
     requests_served: int = 0
     batches: int = 0
     texts: int = 0
@@ -90,19 +94,44 @@ class WorkerHandle:
         self.move(WorkerState.BUSY)
         self.batch, self.threads, self.priority = pieces, threads, priority
 
+    def set_paused(self, paused: bool, now: float) -> None:
+        """Pause its batch between two layers (its cores are lent to a query), or let it go on."""
+        assert self.pause is not None
+        if paused and self.paused_since is None:
+            self.paused_since = now
+        elif not paused and self.paused_since is not None:
+            self.paused_seconds += now - self.paused_since
+            self.paused_since = None
+        self.pause[0] = 1 if paused else 0
+
     def take_batch(self) -> list[Piece] | None:
         """The batch it was running (now no longer its own), with its watchdog cancelled."""
         if self.watchdog:
             self.watchdog.cancel()
+        if self.paused_since is not None:
+            self.set_paused(False, self.paused_since)
+        self.paused_seconds = 0.0
         pieces, self.batch = self.batch, None
         return pieces
+
+
+#: A byte shared by the supervisor and one worker (an anonymous shared mapping made before fork).
+PauseFlag = mmap.mmap | bytearray
+
+
+@dataclass
+class Started:
+    pid: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pause: PauseFlag | None = None  # None: its batches cannot be paused (spawned workers)
 
 
 class Spawner(Protocol):
     """Starts worker processes and signals and reaps them."""
 
-    async def start(self, generation: int, backend: Any) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
-        """Start a worker; returns its pid and the two ends of its channel."""
+    async def start(self, generation: int, backend: Any) -> Started:
+        """Start a worker; returns its pid, its channel and its pause flag."""
         ...
 
     def signal(self, pid: int, sig: signal.Signals) -> None: ...
@@ -139,10 +168,12 @@ class ProcessSpawner:
         self.max_frame_bytes = max_frame_bytes
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
 
-    async def start(self, generation: int, backend: Any) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    async def start(self, generation: int, backend: Any) -> Started:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pause = None
         if self.start_method == "fork":
             assert backend is not None
+            pause = mmap.mmap(-1, 1)  # MAP_SHARED | MAP_ANONYMOUS: the child sees what the parent sets
             worker = Worker(
                 child_end.fileno(),
                 backend,
@@ -151,6 +182,7 @@ class ProcessSpawner:
                 parent_pid=os.getpid(),
                 max_frame_bytes=self.max_frame_bytes,
                 forked=True,
+                pause=pause,
             )
             pid = os.fork()
             if pid == 0:  # child
@@ -163,7 +195,7 @@ class ProcessSpawner:
             self._popen[pid] = proc
         child_end.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=1 << 16)
-        return pid, reader, writer
+        return Started(pid, reader, writer, pause)
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -247,8 +279,9 @@ class WorkerPool:
         return metas
 
     async def spawn(self, generation: int, backend: Any) -> WorkerHandle:
-        pid, reader, writer = await self.spawner.start(generation, backend)
-        handle = WorkerHandle(pid, generation, reader, writer, time.time())
+        started = await self.spawner.start(generation, backend)
+        pid = started.pid
+        handle = WorkerHandle(pid, generation, started.reader, started.writer, time.time(), pause=started.pause)
         self.workers[pid] = handle
         log.info("started worker %d (generation %d)", pid, generation)
         self.background(self._boot(handle))

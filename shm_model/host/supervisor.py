@@ -37,7 +37,7 @@ from shm_model.host.pool import ProcessSpawner, WorkerHandle, WorkerPool
 from shm_model.host.rundir import RunDirectory
 from shm_model.protocol import Frame, error_reply, reply_id, request_id, request_op, result_reply
 from shm_model.scheduling import Piece
-from workers.backends import Backend, load_backend
+from workers.models import ModelSet, load_models
 from workers.worker import WORKER_BOOT_ERROR, channel_frame_limit
 
 log = logging.getLogger(__name__)
@@ -174,32 +174,35 @@ class Supervisor:
     def _resolve_device(self) -> str:
         if self.cfg.backend == "dummy":
             return "cpu"
-        from workers.backends import resolve_device
+        from workers.model_source import resolve_device
 
         return resolve_device(self.model_cfg.device)
 
-    def _load(self) -> Backend:
+    def _load(self) -> ModelSet:
         self.pool.loading_model = True
         try:
             started = time.perf_counter()
-            backend = load_backend(self.model_cfg, self.cfg)
-            log.info(
-                "loaded %s (%s, dim %d) in %.2fs; weights %s",
-                backend.name,
-                self._device,
-                backend.dimension,
-                time.perf_counter() - started,
-                backend.placement,
-            )
-            return backend
+            models = load_models(self.model_cfg, self.cfg)
+            for backend in models:
+                log.info(
+                    "loaded %s (%s, dim %d) in %.2fs; weights %s",
+                    backend.name,
+                    self._device,
+                    backend.dimension,
+                    backend.load_seconds,
+                    backend.placement,
+                )
+            if len(models) > 1:
+                log.info("loaded %d models in %.2fs", len(models), time.perf_counter() - started)
+            return models
         finally:
             self.pool.loading_model = False
 
     def _set_meta(self, meta: dict[str, Any]) -> None:
         self._meta = meta
-        self.dispatcher.meta = meta
+        self.dispatcher.set_models(meta)
 
-    async def _start_generation(self, generation: int, backend: Backend | None) -> None:
+    async def _start_generation(self, generation: int, backend: ModelSet | None) -> None:
         started = time.perf_counter()
         metas = await self.pool.start_generation(generation, backend)
         if self._start_method == "spawn" and metas:

@@ -16,10 +16,25 @@ import pytest
 
 from tests.conftest import ROOT, base_env
 
+#: The apps and the HTTP stack: nothing of the host, its workers or config imports them.
+APPS = ("api_server", "api", "tablerag", "rag_with_tables", "benchmarks", "fastapi", "uvicorn", "starlette")
+#: The layers above the client: the manager, the supervisor and the CLI.
+ABOVE_CLIENT = ("shm_model.manager", "shm_model.host", "shm_model.cli")
+
+# Layers, lowest first: errors, protocol and the pure queue rules; config; workers and the client;
+# the manager and the host (supervisor); the CLI; the apps (API, document processor, benchmarks).
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "config": ("shm_model", "api_server", "tablerag", "workers", "rag_with_tables", "fastapi", "torch"),
-    "shm_model/cli.py": ("api_server", "fastapi", "uvicorn", "tablerag"),
-    "shm_model/errors.py": ("shm_model", "api_server", "tablerag", "workers"),
+    "config": ("shm_model", "workers", "torch", *APPS),
+    "shm_model/errors.py": ("shm_model", "workers", *APPS),
+    "shm_model/protocol.py": ("shm_model.client", "shm_model.scheduling", "workers", *ABOVE_CLIENT, *APPS),
+    "shm_model/scheduling.py": ("shm_model.client", "workers", "config", *ABOVE_CLIENT, *APPS),
+    "shm_model/client.py": ("workers", "pydantic", *ABOVE_CLIENT, *APPS),  # torch only for convert_to_tensor
+    "shm_model/manager.py": ("shm_model.host", "shm_model.cli", *APPS),
+    "shm_model/host": ("shm_model.manager", "shm_model.cli", "shm_model.client", *APPS),
+    "shm_model/cli.py": APPS,
+    "shm_model": APPS,
+    "workers": ("shm_model.client", *ABOVE_CLIENT, *APPS),
+    "tablerag": ("api_server", "api", "fastapi", "uvicorn", "starlette", "shm_model.host", "workers"),
 }
 
 

@@ -19,7 +19,7 @@ from tablerag.ingest import Ingestor
 from tablerag.retrieval import Retriever
 from tablerag.store import SQLiteStore
 from tests.conftest import ROOT, api_server, base_env, launch
-from tests.test_rag import HashModel
+from tests.integration.test_rag import HashModel
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_bm25_with_the_reranking_stage_finds_and_answers_on_the_collection(store
 @pytest.mark.slow
 def test_the_collection_through_the_api_with_the_multilingual_model(folder: Path, tmp_path: Path) -> None:
     """The README's table: ingest through the host, then every question through /search and /chat."""
-    from tablerag import e5_model
+    from shm_model import e5_model
 
     model = e5_model.build(tmp_path / "multilingual-e5-small")
     host = launch(tmp_path, MODEL_NAME=str(model))
