@@ -111,7 +111,7 @@ def _run_bulk(proc: subprocess.Popen[str]) -> dict[str, Any]:
     line = proc.stdout.readline()
     end(proc)
     if not line:
-        raise RuntimeError("the bulk process died")
+        raise RuntimeError(f"the bulk process died: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     result = json.loads(line)
     result["passages_per_s"] = result["passages"] / result["seconds"]
     return result
@@ -187,7 +187,8 @@ def run_model(plan: Plan, name: str) -> dict[str, Any]:
     model = memory.model_name(name)
     passages, interval = plan.passages[name], plan.query_interval[name]
     runs = []
-    with host(model) as sock, HostClient(sock, timeout=3600) as client:
+    # A call of 64 KURE passages may take minutes on a busy machine: past the host's 300 s cap.
+    with host(model, SHM_MODEL_MAX_REQUEST_TIMEOUT="3600") as sock, HostClient(sock, timeout=3600) as client:
         client.encode([PARAGRAPH] * 8, priority="bulk")  # warm-up, and the host learns the batch time
         for r in range(plan.runs):
             idle = _idle(client, plan.idle_queries)

@@ -51,6 +51,7 @@ def worker_rows(workers: Iterable[WorkerHandle]) -> list[dict[str, Any]]:
             "batches": w.batches,
             "texts": w.texts,
             "threads": w.threads,
+            "paused": w.paused_since is not None,  # its bulk batch lent its cores to a query
             "uptime_s": round(now - w.started, 3),
         }
         for w in sorted(workers, key=lambda w: w.pid)

@@ -35,6 +35,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "shm_model": APPS,
     "workers": ("shm_model.client", *ABOVE_CLIENT, *APPS),
     "tablerag": ("api_server", "api", "fastapi", "uvicorn", "starlette", "shm_model.host", "workers"),
+    # The HTTP app's parts: the model only through the manager; the entry point assembles them.
+    "api": ("api_server", "rag_with_tables", "benchmarks", "workers", "torch", "shm_model.client", "shm_model.host"),
 }
 
 
@@ -91,6 +93,30 @@ def test_the_check_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
         "shm_model.errors",
         "shm_model.errors.X",
     ]
+
+
+def test_the_api_rule_flags_the_api_package_and_nothing_named_like_it(tmp_path: Path) -> None:
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "import api\nfrom api.state import AppState\nfrom .routers import rag\n"
+        "from config.api_config import ApiConfig\nimport apispec\nimport fastapi_utils\n"
+    )
+    names = imported(source, package="api")
+    assert [name for name in sorted(names) if breaks(name, FORBIDDEN["tablerag"])] == [
+        "api",
+        "api.routers",
+        "api.routers.rag",
+        "api.state",
+        "api.state.AppState",
+    ]
+
+
+def test_the_job_runner_loads_without_fastapi() -> None:
+    probe = "import sys, tablerag.jobs; print(sorted(m for m in ('fastapi', 'starlette', 'api') if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_the_client_imports_neither_pydantic_nor_torch_and_starts_fast() -> None:

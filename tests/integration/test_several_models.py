@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shm_model.errors import ModelNotFound
-from tests.conftest import Host, poll
+from tests.conftest import Host, api_server, base_env, poll
 from workers.backends import DummyBackend
 
 
@@ -66,3 +66,21 @@ def test_a_repeated_model_name_is_refused_in_one_line(host_factory) -> None:
     assert host.proc.wait(30) == 2
     err = host.log()
     assert "MODEL_NAME='dummy,dummy' lists an empty or repeated model name" in err and "Traceback" not in err
+
+
+def test_the_api_lists_both_models_and_the_request_picks_one(two_models: Host, tmp_path) -> None:
+    import openai
+
+    env = base_env(SHM_MODEL_MODE="shared", SHM_MODEL_SOCKET=two_models.socket, RAG_DB=str(tmp_path / "rag.db"))
+    with api_server(env, tmp_path / "api.log") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["dummy", "dummy-64"]
+        assert client.models.retrieve("dummy-64").id == "dummy-64"
+        for model, dimension in (("dummy", 32), ("dummy-64", 64)):
+            got = client.embeddings.create(model=model, input=["부산", "서울"])
+            want = expected(["부산", "서울"], model)
+            want /= np.linalg.norm(want, axis=1, keepdims=True)
+            assert got.model == model and len(got.data[0].embedding) == dimension
+            assert np.allclose([d.embedding for d in got.data], want, atol=1e-6)
+        with pytest.raises(openai.NotFoundError, match="this server serves 'dummy', 'dummy-64'"):
+            client.embeddings.create(model="other", input="x")
