@@ -21,6 +21,7 @@ from config.settings import (
     DEVICES,
     MODES,
     MULTILINGUAL_ALIAS,
+    RELOAD_MODES,
     SETTINGS,
     Setting,
     read,
@@ -107,6 +108,15 @@ class HostConfig:
     max_connections: int = 256
     max_buffered_bytes: int | None = None
     frame_timeout: float = 30.0
+    reload: str = "auto"
+    memory_limit: int | None = None
+    cgroup: str = "auto"
+    memory_low: float = 0.1
+    psi_threshold: float = 10.0
+    pressure_hold: float = 30.0
+    pressure_interval: float = 1.0
+    degraded_error_rate: float = 0.05
+    degraded_p99_ms: int = 2000
 
     def __post_init__(self) -> None:
         if self.request_timeout > self.max_request_timeout:
@@ -119,6 +129,8 @@ class HostConfig:
                 f"SHM_MODEL_MAX_BUFFERED_BYTES={self.max_buffered_bytes} is below "
                 f"SHM_MODEL_MAX_FRAME_BYTES={self.max_frame_bytes}: the largest frame could never be read"
             )
+        if self.reload not in RELOAD_MODES:
+            raise ConfigError(f"SHM_MODEL_RELOAD={self.reload!r} is invalid; allowed values: {', '.join(RELOAD_MODES)}")
         if not os.path.isabs(self.socket_path):
             object.__setattr__(self, "socket_path", os.path.abspath(self.socket_path))
 

@@ -22,11 +22,24 @@ import numpy as np
 
 from config.model_config import HostConfig, ModelConfig
 from shm_model.errors import BadRequest, ModelLoadError
+from shm_model.pressure import checkpoint_bytes
 from shm_model.scheduling import estimate_tokens
 from workers.model_source import resolve_device, resolve_model
 from workers.placement import place_weights
 
 log = logging.getLogger(__name__)
+
+
+def is_device_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is torch running out of device memory."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    while exc is not None:
+        if isinstance(exc, oom) or "CUDA out of memory" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -93,15 +106,29 @@ class SentenceTransformerBackend(Backend):
         self.import_seconds = time.perf_counter() - started
         started = time.perf_counter()
         source = resolve_model(model_cfg)
-        self.device = resolve_device(model_cfg.device)
-        try:
-            model = SentenceTransformer(
+        self.device = resolve_device(model_cfg.device, sum(checkpoint_bytes(source.location).values()))
+
+        def load(device: str) -> Any:
+            return SentenceTransformer(
                 source.location,
-                device=self.device,
+                device=device,
                 cache_folder=os.path.abspath(model_cfg.cache_dir),
                 trust_remote_code=model_cfg.trust_remote_code,
                 local_files_only=source.kind != "hub",
             )
+
+        try:
+            try:
+                model = load(self.device)
+            except Exception as exc:
+                if not (self.device.startswith("cuda") and model_cfg.device == "auto" and is_device_oom(exc)):
+                    raise
+                log.warning(
+                    "out of memory on %s while loading the model; loading on cpu (MODEL_DEVICE=auto)", self.device
+                )
+                torch.cuda.empty_cache()
+                self.device = "cpu"
+                model = load(self.device)
         except Exception as exc:
             raise ModelLoadError(
                 f"model {model_cfg.name!r} found at {source.location} but failed to load: {type(exc).__name__}: {exc}"

@@ -4,12 +4,16 @@ device it runs on. An error says everything that was tried."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 from config.model_config import BUNDLED_ALIAS, MULTILINGUAL_ALIAS, MULTILINGUAL_DIR, ModelConfig
 from shm_model.errors import ConfigError, ModelLoadError
+from shm_model.pressure import check_fits, mib
+
+log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -65,11 +69,23 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     raise ModelLoadError(f"model {name!r} not found: " + "; ".join(tried))
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, needed: int = 0) -> str:
+    """The device to load on. On CUDA, ``needed`` bytes (the weights) must fit in the device's free memory
+    (``torch.cuda.mem_get_info``): with MODEL_DEVICE=auto a device without room means cpu, with cuda an
+    ``InsufficientMemory`` naming both figures."""
     import torch
 
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "auto" and not torch.cuda.is_available():
+        return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("MODEL_DEVICE=cuda but CUDA is not available; use auto or cpu")
-    return requested
+    if requested in ("auto", "cuda") and needed:
+        free, total = torch.cuda.mem_get_info()
+        if needed > free:
+            if requested == "cuda":
+                check_fits(needed, free, what="load the model on cuda", hint=f"of {mib(total)}; use MODEL_DEVICE=auto")
+            log.warning(
+                "cuda has %s free of %s, the model needs %s: loading on cpu", mib(free), mib(total), mib(needed)
+            )
+            return "cpu"
+    return "cuda" if requested == "auto" else requested

@@ -26,12 +26,18 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready")
 def ready(api: AppStateDep) -> JSONResponse:
+    """200 while the model encodes: ``ready``, or ``degraded`` with the host's reasons (memory pressure,
+    workers below target, error rate, p99) while it serves with less; 503 when it cannot encode."""
     started = time.perf_counter()
     try:
         api.model().encode("ready", timeout=READY_TIMEOUT)
     except errors.ShmModelError as exc:
         return error_response(503, exc.code, f"not ready: {exc}")
-    return JSONResponse({"status": "ready", "encode_ms": round((time.perf_counter() - started) * 1000, 1)})
+    encode_ms = round((time.perf_counter() - started) * 1000, 1)
+    reasons = ((api.manager.host_status() or {}).get("health") or {}).get("reasons") or {}
+    if reasons:
+        return JSONResponse({"status": "degraded", "reasons": reasons, "encode_ms": encode_ms})
+    return JSONResponse({"status": "ready", "encode_ms": encode_ms})
 
 
 @router.get("/model/status")

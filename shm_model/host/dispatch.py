@@ -1,6 +1,7 @@
 """Requests from admission to answer: the queue, batches on workers, and what comes back.
 
-``submit`` admits an encode request (bounded by ``SHM_MODEL_QUEUE_SIZE``), cuts it into
+``submit`` admits an encode request (bounded by ``queue_size``: SHM_MODEL_QUEUE_SIZE, less under
+memory pressure, as the padded-token cap of ``scheduler.limits``), cuts it into
 pieces (``shm_model.scheduling``) and arms its deadline. ``dispatch`` hands batches to idle
 workers of the serving generation while there are cores for them; ``_exchange`` sends a
 batch, reads the reply and puts each piece's vectors in place. A request is answered once,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Coroutine
@@ -86,6 +88,15 @@ class Dispatcher:
         )
         self.requests: set[Request] = set()
         self._batch_ids = itertools.count(1)
+        self.queue_size = cfg.queue_size
+        #: told of every answered request: (now, ok, seconds since admission); the caller's bad requests aside
+        self.on_answer: Callable[[float, bool, float], None] | None = None
+
+    def set_capacity(self, *, max_batch_tokens: int, queue_size: int) -> None:
+        """Smaller batches and a shorter queue under memory pressure (and back)."""
+        self.queue_size = queue_size
+        if self.scheduler.limits.max_tokens != max_batch_tokens:
+            self.scheduler.limits = dataclasses.replace(self.scheduler.limits, max_tokens=max_batch_tokens)
 
     def configure(self, *, workers: int, threads: int, dynamic: bool) -> None:
         self.threads, self.dynamic_threads = threads, dynamic
@@ -139,10 +150,11 @@ class Dispatcher:
         if not texts:
             conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32), tokens=0))
             return
-        if len(self.requests) >= self.cfg.queue_size:
+        if len(self.requests) >= self.queue_size:
+            lowered = " under memory pressure" if self.queue_size < self.cfg.queue_size else ""
             raise Overloaded(
-                f"the host has {len(self.requests)} requests in flight (limit {self.cfg.queue_size}); retry later",
-                limit=self.cfg.queue_size,
+                f"the host has {len(self.requests)} requests in flight (limit {self.queue_size}{lowered}); retry later",
+                limit=self.queue_size,
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -187,12 +199,20 @@ class Dispatcher:
 
     def finish(self, req: Request) -> None:
         if self._close(req):
+            self._answered(req, ok=True)
             req.conn.send(vectors_reply(req.id, req.result, tokens=req.used_tokens))
 
     def fail(self, req: Request, error: ShmModelError) -> None:
         if self._close(req):
             self.counters[f"errors_{error.code}"] += 1
+            if not isinstance(error, BadRequest):
+                self._answered(req, ok=False)
             req.conn.send(error_reply(req.id, error))
+
+    def _answered(self, req: Request, *, ok: bool) -> None:
+        if self.on_answer is not None:
+            now = asyncio.get_running_loop().time()
+            self.on_answer(now, ok, now - req.arrived)
 
     def fail_all(self, error: ShmModelError) -> None:
         for req in list(self.requests):
