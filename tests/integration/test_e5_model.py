@@ -90,4 +90,4 @@ def test_korean_retrieval_on_the_sample_questions(converted: Path, tmp_path: Pat
         result = evaluate(Retriever(store, encoder), load_questions(None), k=5)
     assert result["questions"] >= 40
     for mode in ("dense", "hybrid"):
-        assert result["modes"][mode]["recall@5"] >= 0.9, (mode, result["modes"][mode])
+        assert result["modes"][mode]["all"]["recall@5"] >= 0.9, (mode, result["modes"][mode]["all"])

@@ -324,17 +324,23 @@ def test_memory_watch_over_fake_cgroup_files(tmp_path: Path) -> None:
 
 
 def test_memory_watch_measures_workers_and_the_host_under_a_memory_limit(tmp_path: Path) -> None:
-    import os
+    import subprocess
+    import sys
 
     from config.model_config import HostConfig
 
     cfg = HostConfig(socket_path=str(tmp_path / "s"), memory_limit=64 * GiB, cgroup=str(tmp_path / "none"))
     watch = MemoryWatch(cfg, FULL)
     assert watch.needs({"shm": GiB}, 2).worker_bytes == 64 * MiB  # nothing measured yet: the default
-    watch.measure_workers([os.getpid()])
-    assert watch.worker_bytes is not None and 0 < watch.worker_bytes < GiB
-    reading = watch.read([os.getpid()])
-    assert reading.host_usage is not None and 0 < reading.host_usage < GiB
+    # A small process of its own (the test process may hold models loaded by other tests).
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        watch.measure_workers([child.pid])
+        assert watch.worker_bytes is not None and 0 < watch.worker_bytes < GiB
+        reading = watch.read([child.pid])
+        assert reading.host_usage is not None and 0 < reading.host_usage < GiB
+    finally:
+        child.communicate(b"", timeout=30)
     assert watch.needs({"shm": GiB}, 2, runtime=330 * MiB).total() == 330 * MiB + GiB + 2 * watch.worker_bytes
 
 
