@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from shm_model.client import (
     CHUNK_TEXTS,
     HostClient,
     _chunks,
+    _convert,
     check_peer,
     check_socket,
     check_socket_directory,
@@ -28,6 +30,7 @@ from shm_model.client import (
 )
 from shm_model.errors import (
     BadRequest,
+    ConfigError,
     HostUnavailable,
     Overloaded,
     PayloadTooLarge,
@@ -500,6 +503,10 @@ def test_a_reply_with_the_wrong_number_of_vectors_is_a_protocol_error(start: Cal
         with pytest.raises(ProtocolError) as info:
             c.encode(["a", "b"])
         assert str(info.value) == "host returned 3 vectors for 2 texts"
+    wide = start(lambda h: vectors_reply(h["id"], np.ones((1, 5)), tokens=1), name="wide.sock")
+    with HostClient(wide.path, timeout=10) as c, pytest.raises(ProtocolError) as info:
+        c.encode(["a", "b"])
+    assert str(info.value) == "host returned 1 vectors for 2 texts"
 
 
 def test_a_refused_long_input_is_named_by_its_index_in_the_whole_call(start: Callable[..., FakeHost]) -> None:
@@ -549,17 +556,18 @@ def test_a_progress_bar_sets_the_request_size(start: Callable[..., FakeHost], ca
         assert "Batches" not in capsys.readouterr().err  # one request: no bar
 
 
-def test_tensors_are_returned_when_asked(start: Callable[..., FakeHost]) -> None:
-    torch = pytest.importorskip("torch")
-    host = start()
-    with HostClient(host.path, timeout=10) as c:
-        tensor = c.encode(["ab", "c"], convert_to_tensor=True)
-        assert isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (2, 3)
-        assert tuple(c.encode("ab", convert_to_tensor=True).shape) == (3,)
-        rows = c.encode(["ab", "c"], convert_to_numpy=False)
-        assert isinstance(rows, list) and [tuple(r.shape) for r in rows] == [(3,), (3,)]
-        row = c.encode("ab", convert_to_numpy=False)
-        assert isinstance(row, torch.Tensor) and tuple(row.shape) == (3,)
+def test_tensors_are_returned_when_asked() -> None:
+    torch = pytest.importorskip("torch")  # only here: encode's own tests stay free of torch
+    result = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tensor = _convert(result, False, convert_to_numpy=True, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.tolist() == result.tolist()
+    assert _convert(result, True, convert_to_numpy=False, convert_to_tensor=True).tolist() == [0.0, 1.0, 2.0]
+    rows = _convert(result, False, convert_to_numpy=False, convert_to_tensor=False)
+    assert isinstance(rows, list) and [r.tolist() for r in rows] == result.tolist()
+    row = _convert(result, True, convert_to_numpy=False, convert_to_tensor=False)
+    assert isinstance(row, torch.Tensor) and row.tolist() == [0.0, 1.0, 2.0]
+    assert _convert(result, True, convert_to_numpy=True, convert_to_tensor=False).tolist() == [0.0, 1.0, 2.0]
+    assert _convert(result, False, convert_to_numpy=True, convert_to_tensor=False) is result
 
 
 def test_chunks_are_bounded_by_count_and_bytes() -> None:
@@ -582,3 +590,163 @@ def test_wait_for_host_polls_until_a_host_answers(run_dir: Path, start: Callable
     with pytest.raises(HostUnavailable) as info:
         wait_for_host(str(run_dir / "never.sock"), timeout=0.2, interval=0.02)
     assert str(info.value) == f"no host answered on {run_dir / 'never.sock'} within 0.2s"
+
+
+def test_timeouts_reach_the_host_with_millisecond_precision(start: Callable[..., FakeHost]) -> None:
+    host = start()
+    with HostClient(host.path, timeout=10) as c:
+        c.ping(timeout=2)
+        c.info(timeout=2)
+        c.status(timeout=2)
+        c.encode(["a"], timeout=0.5)
+    assert [h["op"] for h in host.headers] == ["ping", "info", "status", "encode"]
+    assert all(h["timeout_ms"] <= 2000 for h in host.headers)
+    assert host.headers[-1]["timeout_ms"] <= 500
+    assert all(isinstance(h["timeout_ms"], float) for h in host.headers)
+    assert all(len(repr(h["timeout_ms"]).split(".")[1]) <= 3 for h in host.headers)
+
+
+def test_a_request_sent_at_its_deadline_is_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return 100.0
+
+    monkeypatch.setattr(client_module, "time", Clock)
+    with pytest.raises(RequestTimeout):
+        HostClient("unused.sock", timeout=1)._request("ping", 100.0, {})
+
+
+def test_a_silent_host_times_out_at_the_deadline_not_later(start: Callable[..., FakeHost]) -> None:
+    gate = threading.Event()
+    host = start(lambda header: gate.wait(10) and None)
+    with HostClient(host.path, timeout=10) as c:
+        began = time.monotonic()
+        with pytest.raises(RequestTimeout) as info:
+            c.request("status", timeout=0.2)
+        assert time.monotonic() - began < 0.9
+        assert len(repr(info.value.details["timeout"]).split(".")[1]) <= 3
+    gate.set()
+
+
+def test_a_bad_timeout_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHM_MODEL_REQUEST_TIMEOUT", "soon")
+    with pytest.raises(ConfigError) as info:
+        HostClient("x.sock")
+    assert str(info.value).startswith("SHM_MODEL_REQUEST_TIMEOUT=")
+
+
+def test_a_socket_the_user_may_not_reach_is_permission_denied(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
+    path = str(run_dir / "host.sock")
+    real_stat = os.stat
+
+    def stat(p: str, *args: object, **kwargs: object) -> os.stat_result:
+        if p == path:
+            raise PermissionError(13, "Permission denied")
+        return real_stat(p, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_module.os, "stat", stat)
+    with pytest.raises(PermissionDenied) as info:
+        check_socket(path, trusted_uid_set())
+    assert str(info.value) == (
+        f"cannot connect to the host at {path}: Permission denied "
+        "(the host runs as another user or its socket is private)"
+    )
+    assert info.value.details == {"socket": path}
+
+
+def test_access_errors_name_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionDenied) as info:
+        check_socket(str(shared / "host.sock"), trusted_uid_set())
+    assert str(info.value).endswith(
+        f"refusing to use {shared / 'host.sock'} (the host's socket belongs in a private directory)"
+    )
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(PermissionDenied) as not_dir:
+        check_socket_directory(str(a_file), trusted_uid_set(), "s")
+    assert not_dir.value.details == {"socket": "s"}
+    here = tmp_path / "here"
+    here.mkdir(mode=0o700)
+    (here / "host.sock").write_text("")
+    monkeypatch.chdir(here)
+    check_socket("host.sock", trusted_uid_set())  # a bare name: the socket directory is the current one
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another uid needs root")
+def test_an_untrusted_socket_error_names_its_path(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    sock_path = mine / "host.sock"
+    sock_path.write_text("")
+    os.chown(sock_path, OTHER_UID, -1)
+    with pytest.raises(PermissionDenied) as info:
+        check_socket(str(sock_path), trusted_uid_set())
+    assert str(info.value).endswith(f"refusing to use the host at {sock_path}")
+    assert info.value.details["socket"] == str(sock_path)
+
+
+def test_the_peer_check_names_the_socket(monkeypatch: pytest.MonkeyPatch, start: Callable[..., FakeHost]) -> None:
+    host = start()
+    real = client_module.check_peer
+    monkeypatch.setattr(client_module, "check_peer", lambda sock, trusted, path: real(sock, {OTHER_UID}, path))
+    with HostClient(host.path, timeout=10) as c, pytest.raises(PermissionDenied) as info:
+        c.ping()
+    assert str(info.value).startswith(f"the process serving {host.path} (pid {os.getpid()})")
+    assert str(info.value).endswith(f"refusing to use the host at {host.path}")
+
+
+def test_encode_edges(start: Callable[..., FakeHost], capsys: pytest.CaptureFixture) -> None:
+    host = start()
+    with HostClient(host.path, timeout=10) as c:
+        assert c.encode(["abc"], truncate_dim=1).tolist() == [[3.0]]
+        with pytest.raises(BadRequest) as info:
+            c.encode(["a"], truncate_dim=4)
+        assert info.value.details == {"truncate_dim": 4, "dimension": 3}
+        assert c.encode(["x"] * 16385).shape == (16385, 3)  # more than one request may carry
+        host.headers.clear()
+        c.encode(["a"] * 40, show_progress_bar=True)
+        assert [len(h["texts"]) for h in host.headers] == [32, 8]  # the default batch_size
+        err = capsys.readouterr().err
+        assert "Batches: 100%" in err and "40/40" in err and "text/s" in err
+        c.encode(["a"] * 10, batch_size=5, show_progress_bar=True)
+        assert "Batches" in capsys.readouterr().err  # two requests get a bar
+    small = start(lambda h: vectors_reply(h["id"], np.array([[0.3, 0.4, 0.0]]), tokens=1), name="small.sock")
+    with HostClient(small.path, timeout=10) as c:
+        assert np.allclose(c.encode(["a"], normalize_embeddings=True), [[0.6, 0.8, 0.0]])
+        torch = pytest.importorskip("torch")
+        assert isinstance(c.encode(["a"], convert_to_tensor=True), torch.Tensor)
+
+
+def test_a_too_long_error_without_integer_details_is_raised_as_the_host_sent_it(
+    start: Callable[..., FakeHost],
+) -> None:
+    def respond(header: dict[str, Any]) -> bytes:
+        if "bad" in header["texts"]:
+            return error_reply(header["id"], PayloadTooLarge("odd", index="x", tokens=1, limit=2))
+        return encode_reply(header)
+
+    host = start(respond)
+    with HostClient(host.path, timeout=10) as c:
+        for texts in (["bad"], ["a"] * CHUNK_TEXTS + ["bad"]):
+            with pytest.raises(PayloadTooLarge) as info:
+                c.encode(texts)
+            assert str(info.value) == "odd"
+
+
+def test_a_chunk_after_a_full_one_starts_from_zero_bytes() -> None:
+    full = "x" * CHUNK_BYTES
+    assert [len(c) for c in _chunks([full, full, ""], 10)] == [1, 2]
+
+
+def test_wait_for_host_bounds_each_ping_by_its_own_timeout(start: Callable[..., FakeHost]) -> None:
+    gate = threading.Event()
+    host = start(lambda header: gate.wait(10) and None)
+    began = time.monotonic()
+    with pytest.raises(HostUnavailable):
+        wait_for_host(host.path, timeout=0.3, interval=0.01)
+    assert time.monotonic() - began < 2.0
+    gate.set()
