@@ -10,9 +10,10 @@ tokenizer), ``POST /embed`` (also ``POST /``) + ``POST /tokenize`` + ``GET /info
 ``GET /health/ready``, ``GET /metrics`` (the model's metrics and per-route HTTP metrics) and
 ``GET /`` (a chat page).
 
-Run it with ``shm-model api`` (uvicorn) next to ``shm-model serve``. Settings come from the
-environment (``API_SETTINGS``, printed by ``shm-model api --help``) and the model manager's
-``SHM_MODEL_*``.
+Run it with ``shm-model-api`` (uvicorn; also ``shm-model api``) next to ``shm-model serve``.
+Settings come from the environment: ``API_*``, ``CHAT_*``, ``RAG_DB`` (``config.api_config``)
+and the model manager's ``SHM_MODEL_*``, all declared in ``config.settings`` and printed by
+``shm-model-api --help``.
 
 Every request is bounded: the body by bytes actually received (per route) and by time, the
 input by items and characters before it reaches the model, the model calls by a per-route
@@ -23,10 +24,10 @@ and a wall-clock limit. Other hosts (DNS rebinding) and cross-site POSTs are ref
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -40,9 +41,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -60,7 +61,9 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from config.model_config import parse_bool, parse_int, parse_seconds
+from config import settings as config_settings
+from config.api_config import ApiConfig
+from config.settings import host_pattern
 from shm_model import errors
 from shm_model.manager import ModelManager
 from shm_model.metrics import REGISTRY
@@ -96,193 +99,22 @@ MAX_NAME_BYTES = 200
 MAX_HEADER_BYTES = 16 << 10
 #: Environment variables kept from the ingestion subprocess.
 SECRET_ENV = ("CHAT_API_KEY", "API_KEY")
-LOOPBACK_NAMES = ("localhost",)
 
 
 # --- settings ------------------------------------------------------------------------------------
 
 
-_positive_int = parse_int(1)
-_seconds = parse_seconds
-_bool = parse_bool
-
-
-def _text(env: str, raw: str) -> str:
-    return raw.strip()
-
-
-def _hosts(env: str, raw: str) -> tuple[str, ...]:
-    hosts = tuple(_host_pattern(h) for h in raw.split(",") if h.strip())
-    if not hosts or any(not re.fullmatch(r"[\w.*\-\[\]:]+", h) for h in hosts):
-        raise errors.ConfigError(f"{env}={raw!r} is invalid; allowed values: comma-separated host names or addresses")
-    return hosts
-
-
-def _host_pattern(host: str) -> str:
-    """A host as Starlette compares it: lower case, an IPv6 address in brackets."""
-    host = host.strip().lower()
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-@dataclass(frozen=True)
-class ApiSetting:
-    env: str
-    field: str
-    default: str
-    help: str
-    parse: Callable[[str, str], Any]
-
-
-API_SETTINGS: tuple[ApiSetting, ...] = (
-    ApiSetting(
-        "RAG_DB", "db", str(ROOT / "data" / "rag.sqlite3"), "the store: a SQLite file or a PostgreSQL URL", _text
-    ),
-    ApiSetting(
-        "API_UPLOAD_DIR", "upload_dir", str(ROOT / "data" / "uploads"), "where uploads wait for ingestion", _text
-    ),
-    ApiSetting(
-        "API_MAX_BODY_BYTES",
-        "max_body_bytes",
-        str(50 << 20),
-        "largest POST /documents body (bytes received)",
-        _positive_int,
-    ),
-    ApiSetting(
-        "API_MAX_JSON_BYTES",
-        "max_json_bytes",
-        str(2 << 20),
-        "largest body of every other route (bytes received)",
-        _positive_int,
-    ),
-    ApiSetting(
-        "API_BODY_TIMEOUT", "body_timeout", "60", "seconds to receive a whole request body (else 408)", _seconds
-    ),
-    ApiSetting(
-        "API_HEADER_TIMEOUT", "header_timeout", "10", "seconds to receive a request's headers (else closed)", _seconds
-    ),
-    ApiSetting("API_KEEP_ALIVE", "keep_alive", "5", "seconds an idle keep-alive connection stays open", _positive_int),
-    ApiSetting(
-        "API_LIMIT_CONCURRENCY",
-        "limit_concurrency",
-        "2048",
-        "open connections or requests at once (beyond: 503)",
-        _positive_int,
-    ),
-    ApiSetting(
-        "API_ROUTE_CONCURRENCY",
-        "route_concurrency",
-        "8",
-        "model calls in progress per route (/v1/embeddings, /embed, /tokenize, /search, /chat); beyond: 429",
-        _positive_int,
-    ),
-    ApiSetting("API_JOB_TIMEOUT", "job_timeout", "600", "seconds one ingestion job may run (then killed)", _seconds),
-    ApiSetting("API_JOB_WORKERS", "job_workers", "1", "ingestion jobs running at once", _positive_int),
-    ApiSetting("API_JOB_QUEUE", "job_queue", "16", "ingestion jobs waiting at most (beyond: 429)", _positive_int),
-    ApiSetting("API_KEEP_UPLOADS", "keep_uploads", "false", "keep uploaded files after their ingestion", _bool),
-    ApiSetting(
-        "API_ALLOWED_HOSTS",
-        "allowed_hosts",
-        "localhost,127.0.0.1,::1 and the bound address",
-        "Host header values (and Origin hosts of POSTs) accepted",
-        _hosts,
-    ),
-    ApiSetting("API_KEY", "api_key", "", "when set, every route but /health* and GET / needs 'Bearer <key>'", _text),
-    ApiSetting(
-        "API_ALLOW_OPEN",
-        "allow_open",
-        "false",
-        "allow a non-loopback address without API_KEY",
-        _bool,
-    ),
-    ApiSetting("CHAT_API_BASE", "chat_base", "", "an OpenAI-compatible endpoint that writes the answers", _text),
-    ApiSetting("CHAT_API_KEY", "chat_key", "", "its key", _text),
-    ApiSetting("CHAT_MODEL", "chat_model", "", "its model", _text),
-    ApiSetting("CHAT_TIMEOUT", "chat_timeout", "60", "seconds to wait for it", _seconds),
-)
-
-
 @dataclass(frozen=True, kw_only=True)
-class Settings:
-    """The API server's settings; ``Settings.load()`` reads them from the environment."""
-
-    db: str = str(ROOT / "data" / "rag.sqlite3")
-    upload_dir: str = str(ROOT / "data" / "uploads")
-    host: str = "127.0.0.1"
-    max_body_bytes: int = 50 << 20
-    max_json_bytes: int = 2 << 20
-    body_timeout: float = 60.0
-    header_timeout: float = 10.0
-    keep_alive: int = 5
-    limit_concurrency: int = 2048
-    route_concurrency: int = 8
-    job_timeout: float = 600.0
-    job_workers: int = 1
-    job_queue: int = 16
-    keep_uploads: bool = False
-    allowed_hosts: tuple[str, ...] = ()  # () is the loopback names and the bound address
-    api_key: str = ""
-    allow_open: bool = False
-    chat_base: str = ""
-    chat_key: str = ""
-    chat_model: str = ""
-    chat_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_json_bytes", "keep_alive", "limit_concurrency", "route_concurrency",
-                     "job_workers", "job_queue"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise errors.ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed values: >= 1")
-        for name in ("body_timeout", "header_timeout", "job_timeout", "chat_timeout"):
-            if not getattr(self, name) > 0:
-                raise errors.ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed values: seconds > 0")
-        if not self.allowed_hosts:
-            defaults = ("localhost", "127.0.0.1", "[::1]", _host_pattern(self.host))
-            object.__setattr__(self, "allowed_hosts", tuple(dict.fromkeys(defaults)))
-
-    @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from ``env`` (default: the process environment); a bad value raises ConfigError
-        naming the variable and the allowed values."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for setting in API_SETTINGS:
-            raw = env.get(setting.env)
-            if raw is not None and setting.field not in overrides:
-                values[setting.field] = setting.parse(setting.env, raw)
-        values.update(overrides)
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise TypeError(f"unknown settings: {sorted(unknown)} (this is a bug)")
-        return cls(**values)
+class Settings(ApiConfig):
+    """The API server's settings (``config.api_config``; the variables are in ``config.settings``)."""
 
     def chat_endpoint(self) -> ChatEndpoint:
         return ChatEndpoint(base=self.chat_base, model=self.chat_model, key=self.chat_key, timeout=self.chat_timeout)
 
-    def check_bind(self) -> None:
-        """A non-loopback address needs API_KEY, or API_ALLOW_OPEN=true."""
-        if _is_loopback(self.host) or self.api_key or self.allow_open:
-            return
-        raise errors.ConfigError(
-            f"API_HOST={self.host!r} is not a loopback address; set API_KEY, or API_ALLOW_OPEN=true to serve it open"
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host.strip("[]").lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
 
 def settings_help() -> str:
-    """The API server's environment variables and defaults, for ``shm-model api --help``."""
-    lines = ["API server environment variables:"]
-    for s in API_SETTINGS:
-        lines.append(f"  {s.env}\n      {s.help}\n      default: {s.default or '(none)'}")
-    return "\n".join(lines)
+    """The environment variables the API server reads, for ``shm-model-api --help``."""
+    return config_settings.settings_help(("api", "logs", "manager", "model"))
 
 
 # --- request and response bodies ----------------------------------------------------------
@@ -540,7 +372,7 @@ class Guard:
             return False
         if not host:
             return False
-        host = _host_pattern(host)
+        host = host_pattern(host)
         return any(host == p or (p.startswith("*") and host.endswith(p[1:])) for p in self.hosts)
 
     def refusal(self, scope: dict[str, Any]) -> JSONResponse | None:
@@ -1339,21 +1171,22 @@ def _raise_open_files_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def serve(host: str, port: int, log_level: str) -> int:
-    """Run the app under uvicorn (``shm-model api`` parses the options)."""
+def serve(settings: Settings, log_level: str | None = None) -> int:
+    """Run the app under uvicorn on ``settings.host:settings.port``; its log lines go through
+    ``shm_model.logs`` (text or JSON, with role and pid)."""
     import uvicorn
 
     from shm_model.logs import setup
 
-    settings = Settings.load(host=host)
     settings.check_bind()
     setup(log_level, role="api")
     _raise_open_files_limit(settings.limit_concurrency + 256)
     uvicorn.run(
         create_app(settings),
-        host=host,
-        port=port,
-        log_level=log_level,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=logging.getLogger().level,
         access_log=False,
         http=header_timeout_protocol(settings.header_timeout),
         timeout_keep_alive=settings.keep_alive,
@@ -1363,14 +1196,44 @@ def serve(host: str, port: int, log_level: str) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="shm-model-api",
+        description="Serve the chat (RAG) API on the shared model host (uvicorn). Options override the "
+        "environment; everything else comes from the variables below.",
+        epilog=_SettingsHelp.MARK,
+        formatter_class=_SettingsHelp,
+    )
+
+
+class _SettingsHelp(argparse.RawDescriptionHelpFormatter):
+    """Builds the settings list only when --help prints it."""
+
+    MARK = "(settings)"
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(settings_help() if text == self.MARK else text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python api_server.py [options]`` is ``shm-model api [options]``."""
-    from shm_model.cli import main as cli
+    """``shm-model-api`` (also ``python api_server.py``, ``python -m api_server`` and ``shm-model api``)."""
+    parser = build_parser()
+    parser.add_argument("--host", default=None, help="address (default: API_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default: API_PORT)")
+    parser.add_argument("--log-level", default=None, choices=config_settings.LOG_LEVELS,
+                        help="default: SHM_MODEL_LOG_LEVEL")  # fmt: skip
+    args = parser.parse_args(argv)
+    given = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
+    try:
+        return serve(Settings.load(**given), args.log_level)
+    except errors.ConfigError as exc:
+        print(f"shm-model-api: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
-    return cli(["api", *(sys.argv[1:] if argv is None else argv)])
 
-
-__all__ = ["API_SETTINGS", "Settings", "create_app", "main", "serve", "settings_help"]
+__all__ = ["Settings", "create_app", "main", "serve", "settings_help"]
 
 if __name__ == "__main__":
     sys.exit(main())

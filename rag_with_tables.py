@@ -22,27 +22,22 @@ log = logging.getLogger("rag_with_tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tablerag.limits import settings_help
+    from config.settings import LOG_LEVELS, settings_help
 
     parser = argparse.ArgumentParser(
         prog="rag_with_tables.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "environment: RAG_DB (the store: a SQLite file or a postgresql:// URL; default data/rag.sqlite3); "
-            "the model comes from "
-            "ModelManager: SHM_MODEL_MODE=auto|shared|local, SHM_MODEL_SOCKET, MODEL_NAME "
-            "(see 'shm-model --help').\n"
-            "exit status: 0 ok, 1 some files failed or nothing matched, 2 usage or store error.\n"
-            "ingestion limits (each file is parsed in a child process): " + settings_help() + "."
+            "The model comes from ModelManager (SHM_MODEL_MODE, SHM_MODEL_SOCKET, MODEL_NAME; see 'shm-model --help'). "
+            "Each file is parsed in a child process under the RAG_* limits.\n"
+            "exit status: 0 ok, 1 some files failed or nothing matched, 2 usage, setting or store error.\n\n"
+            + settings_help(("rag", "ingest", "logs"))
         ),
     )
-    parser.add_argument(
-        "--db",
-        default=os.environ.get("RAG_DB", DEFAULT_DB),
-        help="the store: a SQLite file, or a postgresql:// URL for PostgreSQL with pgvector (%(default)s)",
-    )
-    parser.add_argument("--log-level", default=os.environ.get("RAG_LOG_LEVEL", "warning"))
+    parser.add_argument("--db", default=None, help=f"the store: a SQLite file, or a postgresql:// URL for PostgreSQL "
+                        f"with pgvector (default: RAG_DB, else {DEFAULT_DB})")  # fmt: skip
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default: RAG_LOG_LEVEL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="add or update files and folders (unchanged files are skipped)")
@@ -76,9 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from config.errors import ConfigError
+    from config.rag_config import RagConfig
     from shm_model.logs import setup
 
-    setup(args.log_level, role="rag")
+    try:
+        config = RagConfig.load()
+        setup(args.log_level or config.log_level, role="rag")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.db = args.db or config.db
     if args.command == "samples":
         from pathlib import Path
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from shm_model import ModelManager
-    from shm_model.errors import ConfigError, ShmModelError
+    from shm_model.errors import ShmModelError
     from tablerag.limits import IngestLimits
     from tablerag.store import StoreError, open_store
 

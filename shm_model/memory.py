@@ -25,12 +25,15 @@ def process_memory(pid: int) -> MemoryFigures | None:
 
 def total_memory(pids: Iterable[int]) -> MemoryFigures:
     """Summed figures of several processes; the PSS sum is their true joint footprint."""
+    return sum_figures(figures for figures in map(process_memory, pids) if figures)
+
+
+def sum_figures(figures: Iterable[MemoryFigures]) -> MemoryFigures:
     total: MemoryFigures = {"rss": 0, "pss": 0, "uss": 0}
-    for pid in pids:
-        figures = process_memory(pid)
-        if figures:
-            for key in ("rss", "pss", "uss"):
-                total[key] += figures[key]  # type: ignore[literal-required]
+    for item in figures:
+        total["rss"] += item["rss"]
+        total["pss"] += item["pss"]
+        total["uss"] += item["uss"]
     return total
 
 

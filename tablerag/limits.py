@@ -7,18 +7,14 @@ fails fast with one line naming the cap. Behind them, ``tablerag.sandbox`` parse
 file in a child process under an address-space limit and a CPU/wall-clock limit, for
 whatever the caps do not foresee.
 
-The caps a user may need to raise are settings (``IngestLimits``, read from the
-environment by ``load()``); the others are constants far above any real document.
+The caps a user may need to raise are settings (``IngestLimits``, declared with every other
+variable in ``config.settings`` and read by ``load()``); the others are constants far above
+any real document.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
-
-from config.model_config import parse_int, parse_seconds
+from config.rag_config import IngestLimits
 
 #: A cell spans at most this many rows or columns (HTML's own maximum for colspan).
 MAX_SPAN = 1000
@@ -39,46 +35,15 @@ MAX_PAGE_CONTENT_BYTES = 32 << 20
 MAX_PAGE_OBJECTS = 100_000
 
 
-#: field -> (environment variable, parser, help)
-SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
-    "max_memory_mb": (
-        "RAG_MAX_MEMORY_MB",
-        parse_int(16),
-        "MB of address space a parse may add to the parser process",
-    ),
-    "file_timeout": ("RAG_FILE_TIMEOUT", parse_seconds, "seconds a parse may take"),
-    "max_table_cells": ("RAG_MAX_TABLE_CELLS", parse_int(1), "cells a table may have, spans and merged cells included"),
-    "max_document_chars": (
-        "RAG_MAX_DOCUMENT_CHARS",
-        parse_int(1),
-        "characters of text and cells a document may have",
-    ),
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class IngestLimits:
-    max_memory_mb: int = 1024
-    file_timeout: float = 60.0
-    max_table_cells: int = 200_000
-    max_document_chars: int = 10_000_000
-
-    def __post_init__(self) -> None:
-        for item in fields(self):
-            env, parse, _ = SETTINGS[item.name]
-            parse(env, str(getattr(self, item.name)))
-
-    @classmethod
-    def load(cls, env: Mapping[str, str] | None = None) -> IngestLimits:
-        """The limits from ``RAG_MAX_MEMORY_MB`` and friends; ``ConfigError`` names a bad one."""
-        env = os.environ if env is None else env
-        values = {name: parse(var, env[var]) for name, (var, parse, _) in SETTINGS.items() if env.get(var)}
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def settings_help() -> str:
-    defaults = IngestLimits()
-    return "; ".join(f"{var} ({text}; default {getattr(defaults, name)})" for name, (var, _, text) in SETTINGS.items())
+__all__ = [
+    "MAX_NESTING_DEPTH",
+    "MAX_PAGE_CONTENT_BYTES",
+    "MAX_PAGE_OBJECTS",
+    "MAX_SPAN",
+    "MAX_TABLE_COLUMNS",
+    "MAX_UNZIPPED_BYTES",
+    "MAX_UNZIPPED_XML_BYTES",
+    "MAX_ZIP_RATIO",
+    "ZIP_RATIO_FLOOR",
+    "IngestLimits",
+]

@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import stat
-import struct
 import tempfile
 import threading
 import time
@@ -382,10 +381,4 @@ def test_workers_die_with_the_supervisor(dummy_host: Host) -> None:
     workers = dummy_host.worker_pids()
     os.kill(dummy_host.proc.pid, 9)
     dummy_host.proc.wait(5)
-    started = time.monotonic()
     poll(lambda: not any(pid_alive(p) for p in workers), 2, what="workers to exit")
-    assert time.monotonic() - started < 2
-
-
-def test_struct_is_used_for_the_peer_credentials() -> None:
-    assert struct.calcsize("3i") == 12

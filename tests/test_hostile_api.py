@@ -392,7 +392,9 @@ def test_every_api_setting_is_documented() -> None:
         [sys.executable, "-m", "shm_model", "api", "--help"],
         env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
-    for setting in api_server.API_SETTINGS:
+    from config.settings import settings_of
+
+    for setting in settings_of("api"):
         assert f"`{setting.env}`" in readme and setting.env in shown, setting.env
 
 

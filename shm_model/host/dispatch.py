@@ -1,0 +1,323 @@
+"""Requests from admission to answer: the queue, batches on workers, and what comes back.
+
+``submit`` admits an encode request (bounded by ``SHM_MODEL_QUEUE_SIZE``), cuts it into
+pieces (``shm_model.scheduling``) and arms its deadline. ``dispatch`` hands batches to idle
+workers of the serving generation while there are cores for them; ``_exchange`` sends a
+batch, reads the reply and puts each piece's vectors in place. A request is answered once,
+when its last piece arrives, its deadline passes, or a piece fails: a failed batch is
+retried piece by piece alone (after a crash up to ``SHM_MODEL_CRASH_RETRIES`` times), and a
+batch whose worker was aborted by the watchdog fails with ``RequestTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+
+from config.model_config import HostConfig
+from shm_model.errors import (
+    BadRequest,
+    HostUnavailable,
+    InternalError,
+    Overloaded,
+    ProtocolError,
+    RequestTimeout,
+    ShmModelError,
+    WorkerCrashed,
+)
+from shm_model.host.connections import Connection
+from shm_model.host.pool import WorkerHandle, WorkerPool
+from shm_model.protocol import (
+    ConnectionClosed,
+    error_reply,
+    optional_bool,
+    optional_str,
+    pack,
+    read_frame,
+    request_priority,
+    request_timeout,
+    token_counts,
+    too_long,
+    validate_texts,
+    vectors_from_frame,
+    vectors_reply,
+)
+from shm_model.scheduling import BatchLimits, CoreShare, Piece, Request, Scheduler, split
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LENGTH = 512
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cfg: HostConfig,
+        pool: WorkerPool,
+        *,
+        cores: int,
+        background: Callable[[Coroutine[Any, Any, Any]], None],
+        changed: Callable[[], None],
+        counters: collections.Counter[str],
+    ) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.cores = cores
+        self.background = background
+        self.changed = changed
+        self.counters = counters
+        self.meta: dict[str, Any] = {}  # the serving model: dimension, max_seq_length, prompts
+        self.threads = 1  # intra-op threads of a batch when they are fixed
+        self.dynamic_threads = False  # each batch takes the cores no busy worker holds
+        self.core_share = CoreShare(cores, 1)
+        self.scheduler = Scheduler(
+            BatchLimits(max_texts=cfg.max_batch_size, max_tokens=cfg.max_batch_tokens, max_bytes=cfg.max_frame_bytes),
+            bulk_share=cfg.bulk_share,
+            bulk_batch_seconds=cfg.bulk_batch_ms / 1000.0,
+            on_expired=self.expire,
+        )
+        self.requests: set[Request] = set()
+        self._batch_ids = itertools.count(1)
+
+    def configure(self, *, workers: int, threads: int, dynamic: bool) -> None:
+        self.threads, self.dynamic_threads = threads, dynamic
+        self.core_share = CoreShare(self.cores, workers)
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.meta.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
+
+    # --- admission ------------------------------------------------------------------------
+
+    def resolve_prompt(self, header: dict[str, Any]) -> str | None:
+        prompt = optional_str(header, "prompt")
+        name = optional_str(header, "prompt_name")
+        if prompt is not None or name is None:
+            return prompt
+        prompts = self.meta.get("prompts") or {}
+        if name not in prompts:
+            raise BadRequest(f"unknown prompt_name {name!r}; this model has: {', '.join(prompts) or 'none'}")
+        return prompts[name]
+
+    def submit(self, conn: Connection, rid: Any, header: dict[str, Any]) -> None:
+        texts = validate_texts(header.get("texts"))
+        prompt = self.resolve_prompt(header)
+        truncate = optional_bool(header, "truncate", True)
+        priority = request_priority(header, len(texts))
+        timeout = min(request_timeout(header) or self.cfg.request_timeout, self.cfg.max_request_timeout)
+        dim = int(self.meta["dimension"])
+        self.counters["requests"] += 1
+        self.counters["texts"] += len(texts)
+        if not texts:
+            conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32), tokens=0))
+            return
+        if len(self.requests) >= self.cfg.queue_size:
+            raise Overloaded(
+                f"the host has {len(self.requests)} requests in flight (limit {self.cfg.queue_size}); retry later",
+                limit=self.cfg.queue_size,
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        result = np.empty((len(texts), dim), dtype=np.float32)
+        deadline = now + timeout
+        req = Request(rid, conn, texts, prompt, priority, conn.pid, timeout, now, deadline, result, truncate=truncate)
+        req.prepare(self.max_seq_length)
+        pieces = split(req, self.scheduler.limits)
+        req.timer = loop.call_at(req.deadline, self.expire, req)
+        self.requests.add(req)
+        conn.requests.add(req)
+        self.scheduler.push(pieces)
+        self.dispatch()
+
+    def abandon(self, conn: Connection) -> None:
+        """Drop the queued work of a client that went away: nobody would read its vectors."""
+        for req in list(conn.requests):
+            if self._close(req):
+                self.counters["abandoned"] += 1
+
+    # --- answers --------------------------------------------------------------------------
+
+    def expire(self, req: Request) -> None:
+        if req.done:
+            return
+        self.counters["timeouts"] += 1
+        self.fail(req, RequestTimeout(f"the request timed out after {req.timeout:.3g}s", timeout=req.timeout))
+
+    def _close(self, req: Request) -> bool:
+        """Mark a request answered; False if it already was."""
+        if req.done:
+            return False
+        req.done = True
+        if req.timer:
+            req.timer.cancel()
+        self.requests.discard(req)
+        req.conn.requests.discard(req)
+        self.scheduler.drop(req)
+        self.changed()
+        return True
+
+    def finish(self, req: Request) -> None:
+        if self._close(req):
+            req.conn.send(vectors_reply(req.id, req.result, tokens=req.used_tokens))
+
+    def fail(self, req: Request, error: ShmModelError) -> None:
+        if self._close(req):
+            self.counters[f"errors_{error.code}"] += 1
+            req.conn.send(error_reply(req.id, error))
+
+    def fail_all(self, error: ShmModelError) -> None:
+        for req in list(self.requests):
+            self.fail(req, error)
+
+    # --- batches ----------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand batches to idle workers of the serving generation, while there are cores for them.
+
+        With threads on auto, a batch gets the cores no busy worker holds (``CoreShare``): all of
+        them for a lone batch on a quiet host, a fair share on a busy one. A batch never starts
+        on cores another batch holds, so threads never outnumber cores.
+        """
+        loop = asyncio.get_running_loop()
+        while self.scheduler.pending():
+            idle = self.pool.idle()
+            if not idle:
+                return
+            threads = self._threads_for_next(loop.time(), len(idle))
+            if threads < 1:
+                return  # the cores are held: the next batch starts when one is released
+            pieces = self.scheduler.take(loop.time(), threads)
+            if not pieces:
+                return
+            priority = pieces[0].request.priority
+            if self.dynamic_threads and priority != "bulk" and not self.scheduler.pending(priority):
+                threads = self.core_share.last(loop.time(), self._held())
+            worker = idle[0]
+            worker.assign(pieces, threads, priority)
+            self.background(self._run_batch(worker, pieces))
+
+    def _held(self) -> int:
+        return sum(w.threads for w in self.pool.busy())
+
+    def _threads_for_next(self, now: float, idle: int) -> int:
+        if not self.dynamic_threads:
+            return self.threads
+        busy = self.pool.busy()
+        held = sum(w.threads for w in busy)
+        if self.scheduler.next_priority() == "bulk" and self.scheduler.bulk_text_over_budget():
+            return self.core_share.bulk(held, any(w.priority == "bulk" for w in busy))
+        interactive = sum(1 for w in busy if w.priority != "bulk")
+        return self.core_share.threads(now, held, interactive, idle, self.scheduler.queued_pieces())
+
+    async def _run_batch(self, w: WorkerHandle, pieces: list[Piece]) -> None:
+        """Send one batch to a worker marked busy with it, and deliver what comes back."""
+        try:
+            await self._exchange(w, pieces)
+        except Exception:
+            log.exception("batch handling failed on worker %d; this is a bug", w.pid)
+            for piece in pieces:
+                self.fail(piece.request, InternalError("the host failed to handle this request"))
+            self.pool.kill(w.pid)
+
+    async def _exchange(self, w: WorkerHandle, pieces: list[Piece]) -> None:
+        loop = asyncio.get_running_loop()
+        batch_id = next(self._batch_ids)
+        texts = [t for p in pieces for t in p.texts]
+        padded = len(texts) * max(p.longest for p in pieces)
+        self.pool.watch(w, max(p.request.deadline for p in pieces))
+        started = loop.time()
+        header = {"op": "encode", "id": batch_id, "texts": texts, "prompt": pieces[0].request.prompt}
+        try:
+            w.writer.write(pack({**header, "threads": w.threads}))
+            await w.writer.drain()
+            frame = await read_frame(w.reader, self.pool.frame_limit)
+        except (ConnectionClosed, ConnectionError, OSError, ShmModelError):
+            self.pool.lost(w)
+            return
+        if w.batch is not pieces:  # lost meanwhile: its pieces were already requeued
+            return
+        w.take_batch()
+        if frame.header.get("id") != batch_id:
+            log.error("worker %d answered batch %r for %d; this is a bug", w.pid, frame.header.get("id"), batch_id)
+            self.batch_failed(pieces, InternalError("worker reply out of step"), crashed=True)
+            self.pool.kill(w.pid)
+            return
+        w.batches += 1
+        w.texts += len(texts)
+        if frame.header.get("ok") is True:
+            try:
+                vectors = vectors_from_frame(frame)
+                if vectors.shape[0] != len(texts):
+                    raise ProtocolError(f"worker returned shape {vectors.shape} for {len(texts)} texts")
+                tokens = token_counts(frame.header, len(texts))
+            except ProtocolError as exc:
+                self.batch_failed(pieces, InternalError(str(exc)), crashed=False)
+            else:
+                self.scheduler.observe(w.threads, padded, loop.time() - started, pieces[0].request.priority)
+                self.deliver(w, pieces, vectors, tokens)
+        else:
+            self.batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
+        self.pool.batch_done(w)
+        self.dispatch()
+
+    def deliver(self, w: WorkerHandle, pieces: list[Piece], vectors: np.ndarray, tokens: list[int]) -> None:
+        """Put each piece's vectors in place; a request is answered when its last piece arrives.
+        ``tokens`` (one count per text, before truncation) sum into the request's usage, or
+        fail a request that refused truncation when one of its texts is over the length."""
+        limit = self.max_seq_length
+        offset = 0
+        for piece in pieces:
+            req = piece.request
+            rows = vectors[offset : offset + piece.count]
+            counts = tokens[offset : offset + piece.count]
+            offset += piece.count
+            if req.done:
+                continue
+            if rows.shape[1] != req.result.shape[1]:
+                self.fail(req, HostUnavailable("the model changed while the request waited; retry it"))
+                continue
+            over = [(int(i), n) for i, n in zip(piece.indices, counts, strict=True) if n > limit]
+            if over and not req.truncate:
+                self.fail(req, too_long(*min(over), limit))
+                continue
+            req.used_tokens += sum(min(n, limit) for n in counts)
+            req.result[piece.indices] = rows
+            req.remaining -= 1
+            if req.remaining == 0:
+                w.requests_served += 1
+                self.finish(req)
+
+    def batch_lost(self, w: WorkerHandle, pieces: list[Piece]) -> None:
+        """The worker running ``pieces`` is gone: aborted by the watchdog (they timed out) or crashed."""
+        if w.aborted:
+            for piece in pieces:
+                self.fail(piece.request, RequestTimeout("the request's deadline passed"))
+        else:
+            crashed = WorkerCrashed(
+                f"the request crashed a worker {self.cfg.crash_retries + 1} times; it was not retried again", pid=w.pid
+            )
+            self.batch_failed(pieces, crashed, crashed=True)
+        if not self.pool.stopping:
+            self.dispatch()
+
+    def batch_failed(self, pieces: list[Piece], error: ShmModelError, *, crashed: bool) -> None:
+        """Retry each piece of a failed batch alone (after a crash up to SHM_MODEL_CRASH_RETRIES
+        times); a piece that fails alone beyond that fails its request."""
+        retry: list[Piece] = []
+        for piece in pieces:
+            if piece.request.done:
+                continue
+            piece.failures += 1
+            isolated = piece.solo or len(pieces) == 1
+            if (crashed and piece.failures > self.cfg.crash_retries) or (not crashed and isolated):
+                self.fail(piece.request, error)
+            else:
+                piece.solo = True
+                retry.append(piece)
+        self.scheduler.push([p for p in retry if not p.request.done], front=True)

@@ -1,0 +1,387 @@
+"""The supervisor: loads the model once, forks workers that share its weights, and serves
+the request queue on a Unix socket. It wires the host's parts and runs its life:
+
+* ``RunDirectory`` (rundir.py): the socket's directory, lock, stale files, listening socket;
+* ``WorkerPool`` (pool.py): worker processes, their states, losses and replacements;
+* ``Connections`` (connections.py): who may connect, frames and their memory budget;
+* ``Dispatcher`` (dispatch.py): requests, the queue (``shm_model.scheduling``), batches;
+* reports.py: ``info`` and ``status``.
+
+Its life, in order: take the run directory, load the model and place its weights for
+sharing, freeze the heap, fork the workers, then serve on one asyncio loop until SIGTERM or
+SIGINT (drain, then exit 0), reloading the model on SIGHUP without failing a request. The
+supervisor never runs the model itself and never starts a torch thread pool, so that every
+fork is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from config.model_config import HostConfig, ModelConfig
+from shm_model.errors import HostUnavailable, InternalError, PermissionDenied, ShmModelError
+from shm_model.host import reports
+from shm_model.host.connections import Connection, Connections
+from shm_model.host.dispatch import Dispatcher
+from shm_model.host.pool import ProcessSpawner, WorkerHandle, WorkerPool
+from shm_model.host.rundir import RunDirectory
+from shm_model.protocol import Frame, error_reply, reply_id, request_id, request_op, result_reply
+from shm_model.scheduling import Piece
+from workers.backends import Backend, load_backend
+from workers.worker import WORKER_BOOT_ERROR, channel_frame_limit
+
+log = logging.getLogger(__name__)
+
+
+def single_threaded() -> None:
+    """Keep this process from starting thread pools that would not survive a fork.
+
+    Called before torch is imported where possible (the CLI does so first); workers set
+    their own thread count after fork.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    # A worker's intra-op threads sleep at a barrier instead of spinning: with other processes
+    # busy, a 2-thread encode of one sentence (bundled model) took p90 97-517 ms spinning and
+    # 30 ms sleeping (25 ms on one thread).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Supervisor:
+    def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig) -> None:
+        self.model_cfg = model_cfg
+        self.cfg = host_cfg
+        self.socket_path = host_cfg.socket_path
+        self.started = time.time()
+        self.exit_code = 0
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.workers_ready_seconds = 0.0
+        self.rundir = RunDirectory(host_cfg.socket_path, host_cfg.allowed_uids)
+        self._cores = available_cores()
+        self._device = "cpu"
+        self._start_method = "fork"
+        self._threads = 1
+        self._meta: dict[str, Any] = {}
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._changed: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self.pool = WorkerPool(
+            ProcessSpawner(start_method="fork", threads=1, max_frame_bytes=host_cfg.max_frame_bytes),
+            self,
+            size=1,
+            frame_limit=channel_frame_limit(host_cfg.max_frame_bytes),
+            worker_grace=host_cfg.worker_grace,
+            background=self._background,
+            counters=self.counters,
+        )
+        self.dispatcher = Dispatcher(
+            host_cfg,
+            self.pool,
+            cores=self._cores,
+            background=self._background,
+            changed=self.changed,
+            counters=self.counters,
+        )
+        self.connections = Connections(
+            on_frame=self._handle_request,
+            on_closed=self.dispatcher.abandon,
+            allowed_uids=host_cfg.allowed_uids,
+            max_connections=host_cfg.max_connections,
+            max_frame_bytes=host_cfg.max_frame_bytes,
+            frame_timeout=host_cfg.frame_timeout,
+            buffered_bytes=host_cfg.buffered_bytes_limit(),
+            counters=self.counters,
+        )
+
+    # --- PoolEvents -----------------------------------------------------------------------
+
+    def worker_idle(self) -> None:
+        self.dispatcher.dispatch()
+
+    def batch_lost(self, worker: WorkerHandle, pieces: list[Piece]) -> None:
+        self.dispatcher.batch_lost(worker, pieces)
+
+    def changed(self) -> None:
+        if self._changed:
+            self._changed.set()
+
+    def fatal(self, reason: str) -> None:
+        self.exit_code = WORKER_BOOT_ERROR
+        self._begin_stop(reason)
+
+    # --- life -------------------------------------------------------------------------------
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine as a task that is kept alive until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        single_threaded()
+        self.rundir.take()
+        try:
+            self._configure()
+            if self._start_method == "fork":
+                self.pool.backend = self._load()
+                self._set_meta(self.pool.backend.describe())
+            return asyncio.run(self._serve())
+        finally:
+            self.rundir.cleanup()
+
+    def _configure(self) -> None:
+        self._device = self._resolve_device()
+        self._start_method = self.cfg.resolved_start_method(self._device)
+        workers = self.cfg.worker_count(self._device)
+        self._threads = self.cfg.threads_for(workers, self._cores)
+        self.pool.size = workers
+        self.pool.spawner = ProcessSpawner(
+            start_method=self._start_method, threads=self._threads, max_frame_bytes=self.cfg.max_frame_bytes
+        )
+        self.dispatcher.configure(workers=workers, threads=self._threads, dynamic=self._dynamic_threads())
+        if workers * self._threads > self._cores:
+            log.warning("%d workers x %d threads > %d cores; expect contention", workers, self._threads, self._cores)
+
+    def _dynamic_threads(self) -> bool:
+        """Whether each batch gets the cores that busy workers do not hold (CPU, threads on auto)."""
+        return self._device == "cpu" and self.cfg.threads_per_worker is None
+
+    def _resolve_device(self) -> str:
+        if self.cfg.backend == "dummy":
+            return "cpu"
+        from workers.backends import resolve_device
+
+        return resolve_device(self.model_cfg.device)
+
+    def _load(self) -> Backend:
+        self.pool.loading_model = True
+        try:
+            started = time.perf_counter()
+            backend = load_backend(self.model_cfg, self.cfg)
+            log.info(
+                "loaded %s (%s, dim %d) in %.2fs; weights %s",
+                backend.name,
+                self._device,
+                backend.dimension,
+                time.perf_counter() - started,
+                backend.placement,
+            )
+            return backend
+        finally:
+            self.pool.loading_model = False
+
+    def _set_meta(self, meta: dict[str, Any]) -> None:
+        self._meta = meta
+        self.dispatcher.meta = meta
+
+    async def _start_generation(self, generation: int, backend: Backend | None) -> None:
+        started = time.perf_counter()
+        metas = await self.pool.start_generation(generation, backend)
+        if self._start_method == "spawn" and metas:
+            self._set_meta(metas[-1])
+        self.workers_ready_seconds = time.perf_counter() - started
+
+    async def _serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._done = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._begin_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self._reload_logged()))
+        loop.add_signal_handler(signal.SIGCHLD, self.pool.reap)
+        gc.freeze()
+        try:
+            await self._start_generation(self.pool.generation, self.pool.backend)
+        except ShmModelError as exc:
+            log.error("%s", exc)
+            await self.pool.stop()
+            return WORKER_BOOT_ERROR
+        listen = self.rundir.bind()
+        self._server = await asyncio.start_unix_server(self.connections.handle, sock=listen, limit=1 << 16)
+        log.info(
+            "serving %s on %s: %d %s workers, %s",
+            self._meta.get("model"),
+            self.socket_path,
+            self.pool.size,
+            self._start_method,
+            f"up to {self._cores} threads per batch from {self._cores} cores"
+            if self._dynamic_threads()
+            else f"{self._threads} threads each",
+        )
+        await self._done.wait()
+        return self.exit_code
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _handle_request(self, conn: Connection, frame: Frame) -> None:
+        header = frame.header
+        rid = reply_id(header)
+        try:
+            rid = request_id(header)
+            op = request_op(header)
+            if op in ("stop", "reload") and conn.uid != os.getuid():
+                raise PermissionDenied(
+                    f"only the host's own user (uid {os.getuid()}) may {op} it, not uid {conn.uid}", op=op
+                )
+            if self._stopping and op not in ("ping", "status", "info", "stop"):
+                raise HostUnavailable("the host is shutting down")
+            if op == "encode":
+                self.dispatcher.submit(conn, rid, header)
+            elif op == "ping":
+                conn.send(result_reply(rid, {"pid": os.getpid(), "generation": self.pool.generation}))
+            elif op == "info":
+                conn.send(result_reply(rid, self.info()))
+            elif op == "status":
+                self._background(self._answer(conn, rid, self.status()))
+            elif op == "reload":
+                self._background(self._answer(conn, rid, self.reload()))
+            elif op == "stop":
+                conn.send(result_reply(rid, {"stopping": True, "pid": os.getpid()}))
+                self._begin_stop("stop request")
+        except ShmModelError as exc:
+            self.counters[f"errors_{exc.code}"] += 1
+            conn.send(error_reply(rid, exc))
+        except Exception:
+            log.exception("request %r of uid %d failed; this is a bug", rid, conn.uid)
+            self.counters["errors_internal_error"] += 1
+            conn.send(error_reply(rid, InternalError("the host failed to handle this request")))
+
+    async def _answer(self, conn: Connection, rid: Any, result: Awaitable[dict[str, Any]]) -> None:
+        try:
+            conn.send(result_reply(rid, await result))
+        except ShmModelError as exc:
+            conn.send(error_reply(rid, exc))
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return reports.info(self._meta, self.pool.generation)
+
+    async def status(self) -> dict[str, Any]:
+        snapshot = self._status_snapshot()
+        return await asyncio.get_running_loop().run_in_executor(None, reports.add_memory, snapshot)
+
+    def _status_snapshot(self) -> dict[str, Any]:
+        meta = self._meta
+        return {
+            **self.info(),
+            "load_seconds": meta.get("load_seconds"),
+            "boot_seconds": {
+                "import": meta.get("import_seconds"),
+                "load": meta.get("load_seconds"),
+                "place": meta.get("place_seconds"),
+                "fork_until_ready": round(self.workers_ready_seconds, 3),
+            },
+            "place_seconds": meta.get("place_seconds"),
+            "weight_bytes": meta.get("weight_bytes"),
+            "weight_placement": self.cfg.weights,
+            "weights": meta.get("weights"),
+            "start_method": self._start_method,
+            "threads_per_worker": "auto" if self._dynamic_threads() else self._threads,
+            "cores": self._cores,
+            "socket": self.socket_path,
+            "uptime_s": round(time.time() - self.started, 3),
+            "queue_depth": self.dispatcher.scheduler.queued_pieces(),
+            "queue": reports.queue_report(self.dispatcher.scheduler, self.cfg.bulk_batch_ms),
+            "in_flight": len(self.dispatcher.requests),
+            "queue_size": self.cfg.queue_size,
+            "stopping": self._stopping,
+            "workers": reports.worker_rows(self.pool.workers.values()),
+            "counters": dict(self.counters),
+        }
+
+    # --- reload and stop ------------------------------------------------------------------------
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ShmModelError as exc:
+            log.error("reload failed, still serving the previous model: %s", exc)
+
+    async def reload(self) -> dict[str, Any]:
+        """Load the model again, start new workers on it, then retire the old ones."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            if self._stopping:
+                raise HostUnavailable("the host is shutting down")
+            generation = self.pool.generation + 1
+            log.info("reloading the model (generation %d)", generation)
+            backend = None
+            if self._start_method == "fork":
+                try:
+                    backend = await asyncio.get_running_loop().run_in_executor(None, self._load)
+                except ShmModelError:
+                    raise
+                except Exception as exc:
+                    raise InternalError(f"reload failed: {type(exc).__name__}: {exc}") from exc
+                finally:
+                    self.pool.respawn_deferred()
+                gc.freeze()
+            try:
+                await self._start_generation(generation, backend)
+            except ShmModelError:
+                for w in self.pool.live(generation):
+                    self.pool.retire(w)
+                raise
+            old_backend = self.pool.backend
+            self.pool.adopt(generation, backend)
+            if backend is not None:
+                self._set_meta(backend.describe())
+            self.dispatcher.dispatch()
+            del old_backend
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            self.counters["reloads"] += 1
+            log.info("reloaded: generation %d serving", generation)
+            return self.info()
+
+    def _begin_stop(self, reason: str) -> None:
+        if self._stopping:
+            return
+        log.info("stopping (%s): draining %d requests", reason, len(self.dispatcher.requests))
+        self._stopping = True
+        self.pool.stopping = True
+        self._background(self._stop())
+
+    async def _stop(self) -> None:
+        assert self._changed is not None and self._done is not None
+        loop = asyncio.get_running_loop()
+        if self._server is not None:
+            self._server.close()
+        deadline = loop.time() + self.cfg.graceful_timeout
+        while self.dispatcher.requests and loop.time() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+        self.dispatcher.fail_all(HostUnavailable("the host stopped before the request finished"))
+        await self.pool.stop()
+        await self.connections.drain_and_close()
+        log.info("stopped")
+        self._done.set()
