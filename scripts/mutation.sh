@@ -79,8 +79,10 @@ mkdir -p mutants/logs
 total=0
 echo "load before: $(uptime)"
 for module in "${modules[@]}"; do
-  module="${module%.__init__}"
-  if [ -f "$(echo "$module" | tr . /)/__init__.py" ]; then
+  if [ "${module%.__init__}" != "$module" ]; then
+    module="${module%.__init__}"
+    patterns=("$module.x*")  # a package's __init__ alone
+  elif [ -f "$(echo "$module" | tr . /)/__init__.py" ]; then
     patterns=("$module.x*" "$module.*.x*")  # a package: its __init__ and every module in it
   else
     patterns=("$module.x*")
