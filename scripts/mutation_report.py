@@ -50,8 +50,11 @@ class Tally:
         return self.total - self.counts["equivalent"] - self.counts["not run"]
 
     @property
-    def score(self) -> float:
-        return 100.0 * self.counts["detected"] / self.scored if self.scored else 100.0
+    def score(self) -> float | None:
+        return 100.0 * self.counts["detected"] / self.scored if self.scored else None
+
+    def score_text(self) -> str:
+        return "-" if self.score is None else f"{self.score:.1f}%"
 
 
 def outcome(code: int | None) -> str:
@@ -124,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             if in_group(path, group):
                 group_tallies[group].add(tally)
         row = "".join(f"{tally.counts[c]:>11}" for c in columns)
-        print(f"{path:<34}{tally.total:>8}{row}{tally.score:>7.1f}%")
+        print(f"{path:<34}{tally.total:>8}{row}{tally.score_text():>8}")
     print()
     for group, tally in group_tallies.items():
         if tally.total:
-            print(f"score {group}: {tally.score:.1f}% ({tally.counts['detected']} of {tally.scored} non-equivalent)")
+            print(f"score {group}: {tally.score_text()} ({tally.counts['detected']} of {tally.scored} non-equivalent)")
+            if tally.counts["not run"]:
+                print(f"  ({tally.counts['not run']} mutants not run yet: the score is of the others)")
     if not args.quiet and survivors:
         print(f"\n{len(survivors)} mutants not detected (see them with: mutmut show NAME):")
         for kind, name in survivors:
@@ -138,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in stale:
             print(f"  {name}")
     first = group_tallies[GROUPS[0]]
-    if first.total and first.score < args.min_score:
-        print(f"\nscore {first.score:.1f}% for {GROUPS[0]} is under {args.min_score:g}%", file=sys.stderr)
+    if first.total and (first.score or 0.0) < args.min_score:
+        print(f"\nscore {first.score_text()} for {GROUPS[0]} is under {args.min_score:g}%", file=sys.stderr)
         return 1
     return 0
 
