@@ -15,8 +15,10 @@ Prints the time of each module, the score per module and for shm_model/+workers/
 mutant that was not detected (`mutmut show NAME` prints its diff).
 
 MODULE is a dotted module or package (shm_model.protocol, shm_model.host, workers.worker,
-tablerag.store); without one, every module under shm_model/, workers/ and tablerag/store.py,
-one after the other. Results are kept in mutants/ between runs (delete it, or --fresh, to start over).
+tablerag.store), run one after the other, each timed; without one, one run over every module
+of shm_model/, workers/ and tablerag/store.py (each module's time is then the sum of its mutants'
+test times, shown in the report). Results are kept in mutants/ between runs (delete it, or
+--fresh, to start over).
 
 What "the tests that cover it" means: mutmut runs the in-process tests once (tests/unit/ and
 tests/test_protocol.py, set in pyproject.toml [tool.mutmut]) and records which test called which
@@ -68,9 +70,7 @@ mutmut="$(dirname "$python")/mutmut"
 [ -x "$mutmut" ] || { echo "mutmut is not installed: $python -m pip install -e '.[mutation]'" >&2; exit 2; }
 
 if [ ${#modules[@]} -eq 0 ]; then
-  while IFS= read -r path; do
-    modules+=("$(echo "${path%.py}" | tr / .)")
-  done < <(find shm_model workers -name '*.py' -not -path '*/__pycache__/*' | sort; echo tablerag/store.py)
+  modules=(ALL)
 fi
 [ "$fresh" -eq 1 ] && rm -rf mutants
 
@@ -79,7 +79,9 @@ mkdir -p mutants/logs
 total=0
 echo "load before: $(uptime)"
 for module in "${modules[@]}"; do
-  if [ "${module%.__init__}" != "$module" ]; then
+  if [ "$module" = ALL ]; then
+    patterns=()  # every mutant
+  elif [ "${module%.__init__}" != "$module" ]; then
     module="${module%.__init__}"
     patterns=("$module.x*")  # a package's __init__ alone
   elif [ -f "$(echo "$module" | tr . /)/__init__.py" ]; then
@@ -90,7 +92,7 @@ for module in "${modules[@]}"; do
   log="mutants/logs/$module.log"
   start=$(date +%s)
   status=0
-  nice -n 19 "$mutmut" run --max-children "$children" "${patterns[@]}" >"$log" 2>&1 || status=$?
+  nice -n 19 "$mutmut" run --max-children "$children" ${patterns[@]+"${patterns[@]}"} >"$log" 2>&1 || status=$?
   seconds=$(( $(date +%s) - start ))
   total=$(( total + seconds ))
   if [ "$status" -ne 0 ]; then

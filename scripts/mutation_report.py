@@ -37,9 +37,11 @@ MAX_SURVIVORS_BYTES = 1 << 20
 @dataclass
 class Tally:
     counts: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0  # wall time of the mutants' test runs
 
     def add(self, other: Tally) -> None:
         self.counts.update(other.counts)
+        self.seconds += other.seconds
 
     @property
     def total(self) -> int:
@@ -77,16 +79,18 @@ def read_equivalent(path: Path) -> set[str]:
     return {m.group(1) for line in text.splitlines() if (m := EQUIVALENT_LINE.match(line))}
 
 
-def read_results(mutants_dir: Path) -> dict[str, dict[str, int | None]]:
-    """Source path (relative to the repository) -> mutant name -> exit code."""
-    results: dict[str, dict[str, int | None]] = {}
+def read_results(mutants_dir: Path) -> dict[str, tuple[dict[str, int | None], float]]:
+    """Source path (relative to the repository) -> (mutant name -> exit code, seconds of its test runs)."""
+    results: dict[str, tuple[dict[str, int | None], float]] = {}
     for meta in sorted(mutants_dir.rglob("*.py.meta")):
         if meta.stat().st_size > MAX_META_BYTES:
             raise SystemExit(f"{meta} is larger than {MAX_META_BYTES} bytes; not a mutmut results file")
         data = json.loads(meta.read_text(encoding="utf-8"))
         codes = data.get("exit_code_by_key", {}) if isinstance(data, dict) else {}
+        durations = data.get("durations_by_key", {}) if isinstance(data, dict) else {}
+        seconds = sum(v for v in durations.values() if isinstance(v, int | float))
         if codes:
-            results[str(meta.relative_to(mutants_dir))[: -len(".meta")]] = codes
+            results[str(meta.relative_to(mutants_dir))[: -len(".meta")]] = (codes, seconds)
     return results
 
 
@@ -109,17 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     results = read_results(args.mutants)
     tallies: dict[str, Tally] = {}
     survivors: list[tuple[str, str]] = []
-    for path, codes in results.items():
-        tally = tallies.setdefault(path, Tally())
+    for path, (codes, seconds) in results.items():
+        tally = tallies.setdefault(path, Tally(seconds=seconds))
         for name, code in sorted(codes.items()):
             kind = "equivalent" if name in equivalent else outcome(code)
             tally.counts[kind] += 1
             if kind in ("survived", "no tests", "suspicious"):
                 survivors.append((kind, name))
-    stale = sorted(equivalent - {name for codes in results.values() for name in codes})
+    stale = sorted(equivalent - {name for codes, _ in results.values() for name in codes})
 
     columns = ("detected", "survived", "no tests", "suspicious", "equivalent", "not run")
-    print(f"{'module':<34}{'mutants':>8}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>8}")
+    print(f"{'module':<34}{'mutants':>8}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>8}{'seconds':>9}")
     group_tallies = {group: Tally() for group in GROUPS}
     for path in sorted(tallies):
         tally = tallies[path]
@@ -127,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             if in_group(path, group):
                 group_tallies[group].add(tally)
         row = "".join(f"{tally.counts[c]:>11}" for c in columns)
-        print(f"{path:<34}{tally.total:>8}{row}{tally.score_text():>8}")
+        print(f"{path:<34}{tally.total:>8}{row}{tally.score_text():>8}{tally.seconds:>9.0f}")
     print()
     for group, tally in group_tallies.items():
         if tally.total:
-            print(f"score {group}: {tally.score_text()} ({tally.counts['detected']} of {tally.scored} non-equivalent)")
+            print(
+                f"score {group}: {tally.score_text()} ({tally.counts['detected']} of {tally.scored} non-equivalent; "
+                f"{tally.seconds:.0f} s of mutant test runs)"
+            )
             if tally.counts["not run"]:
                 print(f"  ({tally.counts['not run']} mutants not run yet: the score is of the others)")
     if not args.quiet and survivors:
