@@ -368,3 +368,10 @@ def test_add_memory_fills_each_worker_and_the_sums(monkeypatch: pytest.MonkeyPat
     bare = reports.add_memory({"workers": []})
     assert bare["supervisor"] == {"pid": os.getpid(), "rss": 0, "pss": 0, "uss": 0}
     assert bare["memory"] == {"rss": 0, "pss": 0, "uss": 0}
+
+
+def test_the_room_left_in_a_batch() -> None:
+    limits = BatchLimits(max_texts=8, max_tokens=1000, max_bytes=500)
+    assert limits.room(3, 100, 200) == (5, 700, 300)
+    assert limits.room(3, 100, 200, token_budget=400) == (5, 100, 300)
+    assert limits.room(3, 100, 200, token_budget=2000) == (5, 700, 300)

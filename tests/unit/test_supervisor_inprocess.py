@@ -16,9 +16,10 @@ import pytest
 
 from config.model_config import HostConfig, ModelConfig
 from shm_model.client import HostClient, wait_for_host
-from shm_model.errors import BadRequest, HostUnavailable, PermissionDenied
+from shm_model.errors import BadRequest, HostUnavailable, PermissionDenied, WorkerCrashed
 from shm_model.host import supervisor as supervisor_module
 from shm_model.host.supervisor import Supervisor, available_cores, single_threaded
+from tests.conftest import poll
 from workers.backends import DummyBackend
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -161,6 +162,31 @@ def test_only_the_host_s_user_may_stop_or_reload_it(
         f"only the host's own user (uid {me + 1}) may stop it, not uid {me}",
         f"only the host's own user (uid {me + 1}) may reload it, not uid {me}",
     ]
+
+
+def test_a_batch_that_kills_its_worker_is_retried_then_refused_and_sighup_reloads(
+    tmp_path: Path, host_env: None
+) -> None:
+    def script(socket_path: str) -> dict[str, Any]:
+        wait_for_host(socket_path, timeout=30)
+        seen: dict[str, Any] = {}
+        with HostClient(socket_path, timeout=30) as c:
+            with pytest.raises(WorkerCrashed) as info:
+                c.encode(["__crash__"])
+            seen["crashed"] = str(info.value)
+            seen["after"] = c.encode(["a"]).shape  # a new worker serves
+            os.kill(os.getpid(), signal.SIGHUP)
+            poll(lambda: c.ping()["generation"] == 1, 30, what="the reload SIGHUP asked for")
+            seen["status"] = c.status()
+            c.stop()
+        return seen
+
+    code, seen, _ = serve(tmp_path, script, SHM_MODEL_CRASH_RETRIES="1")
+    assert code == 0
+    assert seen["crashed"] == "the request crashed a worker 2 times; it was not retried again"
+    assert seen["after"] == (1, 32)
+    assert seen["status"]["generation"] == 1
+    assert seen["status"]["counters"]["reloads"] == 1
 
 
 def test_single_threaded_keeps_settings_that_were_given(monkeypatch: pytest.MonkeyPatch) -> None:
