@@ -256,3 +256,25 @@ def test_a_spawned_worker_that_cannot_load_the_model_exits_with_the_boot_error(
         from shm_model import logs
 
         logs.set_role("client")
+
+
+def test_the_spawned_worker_s_command_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        worker_module.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m workers.worker [-h] --fd FD [--generation GENERATION]\n")
+    assert " --parent PARENT [--threads THREADS]\n" in out
+    assert "--fd FD               inherited channel descriptor" in out
+    assert "--parent PARENT       supervisor pid" in out
+    assert out.count("One worker process: receives batches") == 1
+    for missing in (["--parent", "1"], ["--fd", "5"]):
+        with pytest.raises(SystemExit) as usage:
+            worker_module.main(missing)
+        assert usage.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err
+
+
+def test_memory_is_given_back_through_glibc() -> None:
+    trim = worker_module._malloc_trim()
+    assert trim() in (0, 1)  # malloc_trim's answer: whether memory was released
