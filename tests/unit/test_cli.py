@@ -133,10 +133,10 @@ def test_encode_prints_a_line_per_text_or_json(host: FakeHost, capsys: pytest.Ca
 def test_encode_reads_lines_from_stdin(
     host: FakeHost, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb \n"))
     code, out, _ = run(["--socket", host.path, "encode", "--json", "-"], capsys)
     assert code == 0
-    assert host.headers[-1]["texts"] == ["a", "b"]
+    assert host.headers[-1]["texts"] == ["a", "b "]  # only the line end is taken off
     assert len(json.loads(out)) == 2
 
 
