@@ -75,6 +75,9 @@ fi
 [ "$fresh" -eq 1 ] && rm -rf mutants
 
 export HF_HUB_OFFLINE=1
+# Each mutant starts a pytest session: loading every installed plugin (schemathesis, playwright...)
+# took several seconds of it. The unit tests need only pytest-timeout, named in pyproject.toml.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 mkdir -p mutants/logs
 total=0
 echo "load before: $(uptime)"
