@@ -639,3 +639,23 @@ def test_private_files_refuse_symlinks_and_other_owners(tmp_path: Path) -> None:
         assert os.get_blocking(fd)
     finally:
         os.close(fd)
+
+
+def test_metrics_name_each_op_and_private_names_stay_private(
+    make: Callable[..., ModelManager], host: FakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = make("shared")
+    model = m.get_model()
+    before = sample("shm_model_requests_total", {"op": "dimension", "path": "shared"})
+    model.get_sentence_embedding_dimension()
+    assert sample("shm_model_requests_total", {"op": "dimension", "path": "shared"}) == before + 1
+    m.get_status()
+    assert sample("shm_model_memory_bytes", {"scope": "host", "kind": "rss"}) == 30 * 2**20
+    m.host_status()
+    assert host.headers[-1]["op"] == "status" and host.headers[-1]["timeout_ms"] <= 2000
+    local = make("local")
+    local.get_model()
+    local._local.model._secret = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError) as info:
+        local._model._secret  # noqa: B018
+    assert str(info.value) == "ManagedModel has no attribute '_secret' (served: none)"
