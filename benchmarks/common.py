@@ -26,7 +26,7 @@ def bench_env(**extra: str) -> dict[str, str]:
 def model_location(model: str) -> str:
     """The folder SentenceTransformer loads for ``model`` (a path, a hub id or an alias)."""
     from config.model_config import ModelConfig
-    from workers.backends import resolve_model
+    from workers.model_source import resolve_model
 
     return resolve_model(ModelConfig(name=model)).location
 

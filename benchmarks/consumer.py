@@ -1,7 +1,7 @@
 """A consumer process for the benchmarks.
 
-    python -m benchmarks.consumer local|copied|client MODEL
-        embeds sample texts, prints one JSON line, then waits until stdin closes;
+    python -m benchmarks.consumer local|copied|client MODEL[,MODEL...]
+        embeds sample texts (with each model), prints one JSON line, then waits until stdin closes;
     python -m benchmarks.consumer loop MODEL THREADS SECONDS
         loads its own model, prints a JSON line when ready, waits for a 'go' line, then
         encodes one text at a time for SECONDS and prints the latencies as JSON.
@@ -60,19 +60,22 @@ def main() -> None:
         _loop(model, int(sys.argv[3]), float(sys.argv[4]))
         return
     started = time.perf_counter()
+    names = model.split(",")  # several models: a host serving them all, or each loaded here
     if mode == "client":
         from shm_model.client import HostClient
 
-        vectors = HostClient(timeout=1800).encode(SAMPLE)
+        client = HostClient(timeout=1800)
+        shapes = [list(client.encode(SAMPLE, model=name if len(names) > 1 else None).shape) for name in names]
     else:
-        st = _load(model, 1)
-        if mode == "copied":
-            for tensor in list(st.parameters()) + list(st.buffers()):
-                tensor.data = tensor.data.clone()
-        vectors = st.encode(SAMPLE, batch_size=32)
+        shapes = []
+        for name in names:
+            st = _load(name, 1)
+            if mode == "copied":
+                for tensor in list(st.parameters()) + list(st.buffers()):
+                    tensor.data = tensor.data.clone()
+            shapes.append(list(st.encode(SAMPLE, batch_size=32).shape))
     print(
-        json.dumps({"pid": os.getpid(), "first_vector_s": time.perf_counter() - started, "shape": list(vectors.shape)}),
-        flush=True,
+        json.dumps({"pid": os.getpid(), "first_vector_s": time.perf_counter() - started, "shape": shapes}), flush=True
     )
     sys.stdin.read()
 

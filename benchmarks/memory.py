@@ -7,6 +7,7 @@ footprint: shared pages are split between the processes that map them.
 
     python -m benchmarks.memory --model bundled --consumers 2
     python -m benchmarks.memory --model kure --consumers 2 4 --json out.json
+    python -m benchmarks.memory --model bundled,multilingual --consumers 2   # two models, one host
 """
 
 from __future__ import annotations
@@ -126,10 +127,10 @@ def run_host(model: str, n: int, placement: str, workers: int) -> Result:
 
 
 def _weights_bytes(model: str) -> int:
-    root = model_location(model)
     return sum(
         os.path.getsize(os.path.join(d, f))
-        for d, _, files in os.walk(root)
+        for name in model.split(",")
+        for d, _, files in os.walk(model_location(name))
         for f in files
         if f.endswith((".safetensors", ".bin"))
     )
@@ -196,7 +197,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bundled", help="bundled, kure (KURE-shaped, built on first use) or a path")
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="bundled, kure (KURE-shaped, built on first use) or a path; several: a,b (one host serves them all)",
+    )
     parser.add_argument("--consumers", type=int, nargs="+", default=[2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--placements", nargs="+", default=["auto", "shm"], choices=["auto", "shm"])

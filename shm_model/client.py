@@ -313,6 +313,7 @@ class HostClient:
         truncate_dim: int | None = None,
         truncate: bool = True,
         return_usage: bool = False,
+        model: str | None = None,
     ) -> Any:
         """Embed ``sentences`` like ``SentenceTransformer.encode``.
 
@@ -331,7 +332,9 @@ class HostClient:
         refuses an input longer than the model's ``max_seq_length`` tokens (``PayloadTooLarge``
         naming the item and its token count) instead of encoding its first tokens. With
         ``return_usage=True`` the call returns ``(embeddings, tokens)``: the tokens the model read
-        (prompts and special tokens included, counted by the model's tokenizer).
+        (prompts and special tokens included, counted by the model's tokenizer). ``model`` picks
+        one of the models a host serves (``MODEL_NAME=a,b``; by its served name or as configured;
+        ``info()["models"]`` lists them): the first by default; another is ``ModelNotFound``.
         """
         if output_value != "sentence_embedding" or precision != "float32":
             raise BadRequest("the host returns float32 sentence embeddings only")
@@ -356,6 +359,10 @@ class HostClient:
         fields: dict[str, Any] = {"priority": priority or default_priority(len(texts))}
         if not truncate:
             fields["truncate"] = False
+        if model is not None:
+            if not isinstance(model, str) or not model:
+                raise BadRequest(f"model must be a non-empty string, got {model!r:.64}")
+            fields["model"] = model
         if prompt is not None:
             fields["prompt"] = prompt
         elif prompt_name is not None:

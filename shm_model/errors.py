@@ -6,6 +6,7 @@ the socket so that the client raises the same class the host raised::
     ShmModelError
      ├── ConfigError            invalid setting; names the variable and the allowed values
      ├── ModelLoadError         the model cannot be found or loaded; says what was tried
+     │    └── InsufficientMemory  a load or reload needs more memory than is available (names both)
      ├── HostUnavailable        no host answers on the socket, or it went away
      ├── PermissionDenied       the host refuses this user (peer uid check or socket mode)
      ├── Overloaded             the request queue is full; retry later
@@ -28,6 +29,10 @@ from config.errors import ConfigError, ShmModelError
 
 class ModelLoadError(ShmModelError):
     code = "model_load_error"
+
+
+class InsufficientMemory(ModelLoadError):
+    code = "insufficient_memory"
 
 
 class HostUnavailable(ShmModelError, ConnectionError):
@@ -58,6 +63,12 @@ class PayloadTooLarge(BadRequest):
     code = "payload_too_large"
 
 
+class ModelNotFound(BadRequest):
+    """A request names a model that is not served (the host lists the served ones)."""
+
+    code = "model_not_found"
+
+
 class ProtocolError(ShmModelError):
     code = "protocol_error"
 
@@ -72,6 +83,7 @@ __all__ = [
         ShmModelError,
         ConfigError,
         ModelLoadError,
+        InsufficientMemory,
         HostUnavailable,
         PermissionDenied,
         Overloaded,

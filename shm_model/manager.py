@@ -38,11 +38,13 @@ from shm_model.errors import (
     BadRequest,
     HostUnavailable,
     ModelLoadError,
+    ModelNotFound,
     PermissionDenied,
     RequestTimeout,
     ShmModelError,
 )
 from shm_model.memory import process_memory
+from shm_model.pressure import DEGRADED_KINDS
 from shm_model.protocol import too_long
 
 log = logging.getLogger(__name__)
@@ -233,6 +235,7 @@ class ModelManager:
         try:
             host = self._client.status(timeout=HOST_PROBE_TIMEOUT)
         except ShmModelError:
+            metrics.HOST_UP.set(0)
             return None
         self._host_status(host)
         return host
@@ -283,6 +286,13 @@ class ModelManager:
             return backend.dimension
         kwargs.pop("timeout", None)
         kwargs.pop("priority", None)  # one process, one model: nothing to order
+        model = kwargs.pop("model", None)
+        if model is not None and model not in (backend.name, self.model_config.names[0]):
+            raise ModelNotFound(
+                f"model {model!r:.200} is not loaded in this process (only {backend.name}: the local fallback "
+                "serves the first model of MODEL_NAME)",
+                model=model,
+            )
         truncate = kwargs.pop("truncate", True)
         return_usage = kwargs.pop("return_usage", False)
         sentences = args[0] if args else kwargs.pop("sentences")
@@ -370,7 +380,7 @@ class ModelManager:
         return self._local
 
     def _load_backend(self) -> Any:
-        cfg = self.model_config
+        cfg = self.model_config.first()  # the local fallback serves the default model
         try:
             backend = self._make_backend(cfg)
         except ShmModelError as exc:
@@ -452,6 +462,15 @@ class ModelManager:
                             value / 1000.0
                         )
         metrics.LOAD_SECONDS.labels(path="shared").set(host.get("load_seconds") or 0.0)
+        metrics.HOST_UP.set(1)
+        reasons = (host.get("health") or {}).get("reasons") or {}
+        for kind in DEGRADED_KINDS:
+            metrics.HOST_DEGRADED.labels(reason=kind).set(1 if kind in reasons else 0)
+        pressure = host.get("memory_pressure") or {}
+        metrics.HOST_MEMORY_HEADROOM.set(pressure.get("headroom") or 0)
+        metrics.HOST_MEMORY_CEILING.set(pressure.get("ceiling") or 0)
+        metrics.HOST_MEMORY_PSI.set(pressure.get("psi_some_avg10") or 0.0)
+        metrics.HOST_RESTARTS.counts = {k: int(v) for k, v in (host.get("restarts") or {}).items()}
         return ModelStatus(
             is_loaded=True,
             model_name=str(host.get("model")),

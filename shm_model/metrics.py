@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -49,3 +53,44 @@ ERRORS = Counter("shm_model_errors_total", "Errors, by type", ["type"], registry
 FALLBACKS = Counter(
     "shm_model_fallbacks_total", "Requests served by a local model because no host answered", registry=REGISTRY
 )
+HOST_UP = Gauge("shm_model_host_up", "1 when the model host answered the last status probe, else 0", registry=REGISTRY)
+HOST_DEGRADED = Gauge(
+    "shm_model_host_degraded",
+    "1 while the host is degraded for this reason (memory_pressure, workers_below_target, error_rate, latency)",
+    ["reason"],
+    registry=REGISTRY,
+)
+HOST_MEMORY_HEADROOM = Gauge(
+    "shm_model_host_memory_headroom_bytes",
+    "Memory the host can still take: the least of RAM available, room in its cgroup and under SHM_MODEL_MEMORY_LIMIT",
+    registry=REGISTRY,
+)
+HOST_MEMORY_CEILING = Gauge(
+    "shm_model_host_memory_ceiling_bytes",
+    "The most the host may use: the least of RAM, its cgroup's limit and SHM_MODEL_MEMORY_LIMIT",
+    registry=REGISTRY,
+)
+HOST_MEMORY_PSI = Gauge(
+    "shm_model_host_memory_psi", "Memory pressure stall information, 'some avg10' in percent", registry=REGISTRY
+)
+
+
+class _Restarts(Collector):
+    """Workers the host replaced, by cause: a counter whose values come from the host's status."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "shm_model_host_worker_restarts",
+            "Workers of the host that died and were replaced, by cause (oom_kill, watchdog, crash)",
+            labels=["cause"],
+        )
+        for cause, count in sorted(self.counts.items()):
+            family.add_metric([cause], count)
+        yield family
+
+
+HOST_RESTARTS = _Restarts()
+REGISTRY.register(HOST_RESTARTS)

@@ -76,6 +76,7 @@ class Request:
     remaining: int = 0  # pieces not yet delivered
     truncate: bool = True  # False: an input over the model's length fails the request
     used_tokens: int = 0  # tokens the model read, summed as pieces are delivered
+    model: str = ""  # the served model that encodes it ("" for a host's only model)
     done: bool = False
     dispatched: bool = False
     timer: Any = None
@@ -85,6 +86,11 @@ class Request:
         self.order = np.argsort(-np.asarray(estimates, dtype=np.int64), kind="stable")
         self.tokens = [estimates[i] for i in self.order]
         self.sizes = [len(self.texts[i].encode("utf-8")) for i in self.order]
+
+
+def same_encoding(a: Request, b: Request) -> bool:
+    """Whether two requests may share a batch: one model, one prompt."""
+    return a.model == b.model and a.prompt == b.prompt
 
 
 @dataclass(eq=False)
@@ -372,7 +378,7 @@ class Scheduler:
         return max(1, int(self.bulk_batch_seconds / rate))
 
     def take(self, now: float, threads: int = 1) -> list[Piece]:
-        """The next batch: pieces of one class and one prompt, within the limits."""
+        """The next batch: pieces of one class, one model and one prompt, within the limits."""
         while True:
             priority = self.next_priority()
             if priority is None:
@@ -412,7 +418,7 @@ class Scheduler:
                     if self.on_expired is not None:
                         self.on_expired(request)
                     continue
-                if batch and (head.solo or batch[0].solo or request.prompt != batch[0].request.prompt):
+                if batch and (head.solo or batch[0].solo or not same_encoding(request, batch[0].request)):
                     break
                 new_longest = max(longest, head.longest)
                 fit = min(head.count, self.limits.max_texts - count, max_tokens // new_longest - count)

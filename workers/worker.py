@@ -15,18 +15,20 @@ import argparse
 import ctypes
 import faulthandler
 import logging
+import mmap
 import os
 import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from shm_model import logs
 from shm_model.errors import InternalError, ShmModelError
 from shm_model.protocol import ConnectionClosed, error_reply, pack, recv_frame, vectors_reply
-from workers.backends import Backend
+from workers.models import ModelSet
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,14 @@ class Worker:
     def __init__(
         self,
         channel_fd: int,
-        backend: Backend | None,
+        backend: ModelSet | None,
         *,
         threads: int,
         generation: int,
         parent_pid: int,
         max_frame_bytes: int,
         forked: bool,
+        pause: mmap.mmap | None = None,
     ) -> None:
         self.channel_fd = channel_fd
         self.backend = backend
@@ -81,6 +84,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.frame_limit = channel_frame_limit(max_frame_bytes)
         self.forked = forked
+        self.pause = pause  # one shared byte: nonzero while the supervisor pauses this worker's batch
         self.channel: socket.socket | None = None
 
     def init_process(self) -> None:
@@ -105,6 +109,8 @@ class Worker:
     def run(self) -> int:
         assert self.backend is not None and self.channel is not None
         self.backend.prepare_worker(self.threads)
+        if self.pause is not None:
+            self.backend.set_gate(pause_gate(self.pause))
         self.channel.sendall(pack({"op": "ready", "pid": os.getpid(), "backend": self.backend.describe()}))
         log.info("ready (%d torch threads)", self.threads)
         while True:
@@ -128,14 +134,30 @@ class Worker:
             if isinstance(threads, int) and threads > 0 and threads != self.threads:
                 self.backend.set_threads(threads)  # type: ignore[union-attr]
                 self.threads = threads
-            vectors = self.backend.encode(texts, header.get("prompt"))  # type: ignore[union-attr]
-            tokens = self.backend.count_tokens(texts, header.get("prompt"))  # type: ignore[union-attr]
+            model = self.backend.get(header.get("model"))  # type: ignore[union-attr]
+            vectors = model.encode(texts, header.get("prompt"))
+            tokens = model.count_tokens(texts, header.get("prompt"))
             return vectors_reply(batch_id, vectors, tokens=tokens)
         except ShmModelError as exc:
             return error_reply(batch_id, exc)
         except Exception as exc:
             log.exception("encode failed")
             return error_reply(batch_id, InternalError(f"encode failed: {type(exc).__name__}: {exc}"))
+
+
+#: How often a paused batch looks whether it may go on.
+PAUSE_POLL_SECONDS = 0.001
+
+
+def pause_gate(flag: mmap.mmap) -> Callable[[], None]:
+    """A gate that waits while ``flag``'s byte is set (the supervisor sets it to lend this
+    worker's cores to a query, and clears it when the query is done)."""
+
+    def gate() -> None:
+        while flag[0]:
+            time.sleep(PAUSE_POLL_SECONDS)
+
+    return gate
 
 
 def run_forked(worker: Worker) -> None:
@@ -175,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker.init_process()
     try:
-        from workers.backends import load_backend
+        from workers.models import load_models
 
-        worker.backend = load_backend(ModelConfig.load(), host_cfg, place=False)
+        worker.backend = load_models(ModelConfig.load(), host_cfg, place=False)
     except Exception as exc:  # noqa: BLE001
         log.error("worker could not load the model: %s", exc)
         return WORKER_BOOT_ERROR

@@ -1,6 +1,7 @@
 """Requests from admission to answer: the queue, batches on workers, and what comes back.
 
-``submit`` admits an encode request (bounded by ``SHM_MODEL_QUEUE_SIZE``), cuts it into
+``submit`` admits an encode request (bounded by ``queue_size``: SHM_MODEL_QUEUE_SIZE, less under
+memory pressure, as the padded-token cap of ``scheduler.limits``), cuts it into
 pieces (``shm_model.scheduling``) and arms its deadline. ``dispatch`` hands batches to idle
 workers of the serving generation while there are cores for them; ``_exchange`` sends a
 batch, reads the reply and puts each piece's vectors in place. A request is answered once,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Coroutine
@@ -25,6 +27,7 @@ from shm_model.errors import (
     BadRequest,
     HostUnavailable,
     InternalError,
+    ModelNotFound,
     Overloaded,
     ProtocolError,
     RequestTimeout,
@@ -72,7 +75,8 @@ class Dispatcher:
         self.background = background
         self.changed = changed
         self.counters = counters
-        self.meta: dict[str, Any] = {}  # the serving model: dimension, max_seq_length, prompts
+        self.meta: dict[str, Any] = {}  # the serving models: see ``set_models``
+        self.models: dict[str, dict[str, Any]] = {}  # served name or configured alias -> model
         self.threads = 1  # intra-op threads of a batch when they are fixed
         self.dynamic_threads = False  # each batch takes the cores no busy worker holds
         self.core_share = CoreShare(cores, 1)
@@ -84,50 +88,81 @@ class Dispatcher:
         )
         self.requests: set[Request] = set()
         self._batch_ids = itertools.count(1)
+        self.queue_size = cfg.queue_size
+        #: told of every answered request: (now, ok, seconds since admission); the caller's bad requests aside
+        self.on_answer: Callable[[float, bool, float], None] | None = None
+
+    def set_capacity(self, *, max_batch_tokens: int, queue_size: int) -> None:
+        """Smaller batches and a shorter queue under memory pressure (and back)."""
+        self.queue_size = queue_size
+        if self.scheduler.limits.max_tokens != max_batch_tokens:
+            self.scheduler.limits = dataclasses.replace(self.scheduler.limits, max_tokens=max_batch_tokens)
 
     def configure(self, *, workers: int, threads: int, dynamic: bool) -> None:
         self.threads, self.dynamic_threads = threads, dynamic
         self.core_share = CoreShare(self.cores, workers)
 
-    @property
-    def max_seq_length(self) -> int:
-        return int(self.meta.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
+    def set_models(self, meta: dict[str, Any]) -> None:
+        """The serving generation's description: its default model's fields, and ``models``
+        (each with dimension, max_seq_length, prompts, and the ``alias`` it was configured as)."""
+        self.meta = meta
+        self.models = {}
+        for model in meta.get("models") or [meta]:
+            for name in (model.get("model"), model.get("alias")):
+                if isinstance(name, str) and name:
+                    self.models.setdefault(name, model)
+
+    def model(self, name: str | None) -> dict[str, Any]:
+        """A served model by name (None: the default)."""
+        if name is None:
+            return (self.meta.get("models") or [self.meta])[0]
+        if name not in self.models:
+            served = ", ".join(m["model"] for m in self.meta.get("models") or [self.meta])
+            raise ModelNotFound(f"model {name!r:.200} is not served here; served: {served}", model=name)
+        return self.models[name]
+
+    def max_seq_length(self, model: str | None = None) -> int:
+        return int(self.models.get(model or "", self.model(None)).get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
 
     # --- admission ------------------------------------------------------------------------
 
-    def resolve_prompt(self, header: dict[str, Any]) -> str | None:
+    @staticmethod
+    def resolve_prompt(header: dict[str, Any], model: dict[str, Any]) -> str | None:
         prompt = optional_str(header, "prompt")
         name = optional_str(header, "prompt_name")
         if prompt is not None or name is None:
             return prompt
-        prompts = self.meta.get("prompts") or {}
+        prompts = model.get("prompts") or {}
         if name not in prompts:
             raise BadRequest(f"unknown prompt_name {name!r}; this model has: {', '.join(prompts) or 'none'}")
         return prompts[name]
 
     def submit(self, conn: Connection, rid: Any, header: dict[str, Any]) -> None:
         texts = validate_texts(header.get("texts"))
-        prompt = self.resolve_prompt(header)
+        model = self.model(optional_str(header, "model"))
+        prompt = self.resolve_prompt(header, model)
         truncate = optional_bool(header, "truncate", True)
         priority = request_priority(header, len(texts))
         timeout = min(request_timeout(header) or self.cfg.request_timeout, self.cfg.max_request_timeout)
-        dim = int(self.meta["dimension"])
+        dim = int(model["dimension"])
         self.counters["requests"] += 1
         self.counters["texts"] += len(texts)
         if not texts:
             conn.send(vectors_reply(rid, np.empty((0, dim), dtype=np.float32), tokens=0))
             return
-        if len(self.requests) >= self.cfg.queue_size:
+        if len(self.requests) >= self.queue_size:
+            lowered = " under memory pressure" if self.queue_size < self.cfg.queue_size else ""
             raise Overloaded(
-                f"the host has {len(self.requests)} requests in flight (limit {self.cfg.queue_size}); retry later",
-                limit=self.cfg.queue_size,
+                f"the host has {len(self.requests)} requests in flight (limit {self.queue_size}{lowered}); retry later",
+                limit=self.queue_size,
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
         result = np.empty((len(texts), dim), dtype=np.float32)
         deadline = now + timeout
         req = Request(rid, conn, texts, prompt, priority, conn.pid, timeout, now, deadline, result, truncate=truncate)
-        req.prepare(self.max_seq_length)
+        req.model = str(model["model"])
+        req.prepare(self.max_seq_length(req.model))
         pieces = split(req, self.scheduler.limits)
         req.timer = loop.call_at(req.deadline, self.expire, req)
         self.requests.add(req)
@@ -164,12 +199,20 @@ class Dispatcher:
 
     def finish(self, req: Request) -> None:
         if self._close(req):
+            self._answered(req, ok=True)
             req.conn.send(vectors_reply(req.id, req.result, tokens=req.used_tokens))
 
     def fail(self, req: Request, error: ShmModelError) -> None:
         if self._close(req):
             self.counters[f"errors_{error.code}"] += 1
+            if not isinstance(error, BadRequest):
+                self._answered(req, ok=False)
             req.conn.send(error_reply(req.id, error))
+
+    def _answered(self, req: Request, *, ok: bool) -> None:
+        if self.on_answer is not None:
+            now = asyncio.get_running_loop().time()
+            self.on_answer(now, ok, now - req.arrived)
 
     def fail_all(self, error: ShmModelError) -> None:
         for req in list(self.requests):
@@ -182,34 +225,61 @@ class Dispatcher:
 
         With threads on auto, a batch gets the cores no busy worker holds (``CoreShare``): all of
         them for a lone batch on a quiet host, a fair share on a busy one. A batch never starts
-        on cores another batch holds, so threads never outnumber cores.
+        on cores another batch holds, so threads never outnumber cores, with one exception that
+        gives them back: an interactive batch may take the cores of a running bulk batch, which
+        then waits between two of the model's layers until no interactive batch runs.
         """
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         while self.scheduler.pending():
             idle = self.pool.idle()
             if not idle:
-                return
-            threads = self._threads_for_next(loop.time(), len(idle))
+                break
+            threads = self._threads_for_next(now, len(idle))
+            if threads < 1 and self._pause_bulk(now):
+                threads = self._threads_for_next(now, len(idle))
             if threads < 1:
-                return  # the cores are held: the next batch starts when one is released
-            pieces = self.scheduler.take(loop.time(), threads)
+                break  # the cores are held: the next batch starts when one is released
+            pieces = self.scheduler.take(now, threads)
             if not pieces:
-                return
+                break
             priority = pieces[0].request.priority
             if self.dynamic_threads and priority != "bulk" and not self.scheduler.pending(priority):
-                threads = self.core_share.last(loop.time(), self._held())
+                threads = self.core_share.last(now, self._held())
             worker = idle[0]
             worker.assign(pieces, threads, priority)
             self.background(self._run_batch(worker, pieces))
+        self._resume_bulk(now)
+
+    def _pause_bulk(self, now: float) -> bool:
+        """Lend the cores of running bulk batches to the interactive batch that is next."""
+        if not (self.cfg.pause_bulk and self.dynamic_threads) or self.scheduler.next_priority() != "interactive":
+            return False
+        paused = False
+        for w in self.pool.busy():
+            if w.priority == "bulk" and w.pause is not None and w.paused_since is None:
+                w.set_paused(True, now)
+                self.counters["bulk_pauses"] += 1
+                paused = True
+        return paused
+
+    def _resume_bulk(self, now: float) -> None:
+        """Let paused bulk batches go on once no interactive batch runs."""
+        busy = self.pool.busy()
+        if any(w.priority != "bulk" for w in busy):
+            return
+        for w in busy:
+            if w.paused_since is not None:
+                w.set_paused(False, now)
 
     def _held(self) -> int:
-        return sum(w.threads for w in self.pool.busy())
+        """Threads of the batches that run (a paused bulk batch holds none)."""
+        return sum(w.threads for w in self.pool.busy() if w.paused_since is None)
 
     def _threads_for_next(self, now: float, idle: int) -> int:
         if not self.dynamic_threads:
             return self.threads
         busy = self.pool.busy()
-        held = sum(w.threads for w in busy)
+        held = self._held()
         if self.scheduler.next_priority() == "bulk" and self.scheduler.bulk_text_over_budget():
             return self.core_share.bulk(held, any(w.priority == "bulk" for w in busy))
         interactive = sum(1 for w in busy if w.priority != "bulk")
@@ -232,7 +302,8 @@ class Dispatcher:
         padded = len(texts) * max(p.longest for p in pieces)
         self.pool.watch(w, max(p.request.deadline for p in pieces))
         started = loop.time()
-        header = {"op": "encode", "id": batch_id, "texts": texts, "prompt": pieces[0].request.prompt}
+        first = pieces[0].request
+        header = {"op": "encode", "id": batch_id, "texts": texts, "prompt": first.prompt, "model": first.model}
         try:
             w.writer.write(pack({**header, "threads": w.threads}))
             await w.writer.drain()
@@ -242,6 +313,7 @@ class Dispatcher:
             return
         if w.batch is not pieces:  # lost meanwhile: its pieces were already requeued
             return
+        paused = w.paused_seconds + (loop.time() - w.paused_since if w.paused_since is not None else 0.0)
         w.take_batch()
         if frame.header.get("id") != batch_id:
             log.error("worker %d answered batch %r for %d; this is a bug", w.pid, frame.header.get("id"), batch_id)
@@ -259,7 +331,8 @@ class Dispatcher:
             except ProtocolError as exc:
                 self.batch_failed(pieces, InternalError(str(exc)), crashed=False)
             else:
-                self.scheduler.observe(w.threads, padded, loop.time() - started, pieces[0].request.priority)
+                seconds = loop.time() - started - paused  # the time it ran, not the time it waited
+                self.scheduler.observe(w.threads, padded, seconds, pieces[0].request.priority)
                 self.deliver(w, pieces, vectors, tokens)
         else:
             self.batch_failed(pieces, ShmModelError.from_dict(frame.header.get("error")), crashed=False)
@@ -270,7 +343,7 @@ class Dispatcher:
         """Put each piece's vectors in place; a request is answered when its last piece arrives.
         ``tokens`` (one count per text, before truncation) sum into the request's usage, or
         fail a request that refused truncation when one of its texts is over the length."""
-        limit = self.max_seq_length
+        limit = self.max_seq_length(pieces[0].request.model)
         offset = 0
         for piece in pieces:
             req = piece.request

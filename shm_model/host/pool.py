@@ -4,7 +4,7 @@ A worker is always in one ``WorkerState``; ``WorkerHandle.move`` is the only pla
 changes it and refuses a transition that is not in ``TRANSITIONS``::
 
     starting -> idle <-> busy            (booted; takes a batch; returns it)
-    starting | idle -> retiring          (an older generation after a reload)
+    starting | idle -> retiring          (an older generation after a reload, a smaller pool, a swap)
     any -> dead                          (exited, channel broken, or stopped)
 
 The pool starts workers through a ``Spawner`` (fork or a fresh interpreter in production, a
@@ -12,7 +12,10 @@ fake in unit tests), waits for each one's ``ready`` frame, reaps exits, replaces
 of the serving generation (with a backoff while they keep failing to boot, and a fatal stop
 after ``MAX_BOOT_FAILURES``), retires older generations after a reload, and aborts a worker
 whose batch outlives its deadline (SIGABRT, then SIGKILL). What was running on a lost worker
-goes back to the host through ``PoolEvents.batch_lost``.
+goes back to the host through ``PoolEvents.batch_lost``. ``resize`` changes how many workers
+run (memory pressure); ``release`` retires every worker and drops the model before a reload
+that has no room for two generations. Why a worker died (OOM kill, watchdog, crash) is told
+by ``exit_cause`` when one is given.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import collections
 import contextlib
 import enum
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -76,6 +80,9 @@ class WorkerHandle:
     priority: str = ""  # class of the batch it runs
     watchdog: asyncio.TimerHandle | None = None
     aborted: bool = False  # killed by the watchdog: its batch timed out, it did not crash
+    pause: PauseFlag | None = None  # a byte shared with the worker: set, its batch waits between layers
+    paused_since: float | None = None  # loop time its batch was paused, while it is
+    paused_seconds: float = 0.0  # time its current batch spent paused
     requests_served: int = 0
     batches: int = 0
     texts: int = 0
@@ -90,19 +97,44 @@ class WorkerHandle:
         self.move(WorkerState.BUSY)
         self.batch, self.threads, self.priority = pieces, threads, priority
 
+    def set_paused(self, paused: bool, now: float) -> None:
+        """Pause its batch between two layers (its cores are lent to a query), or let it go on."""
+        assert self.pause is not None
+        if paused and self.paused_since is None:
+            self.paused_since = now
+        elif not paused and self.paused_since is not None:
+            self.paused_seconds += now - self.paused_since
+            self.paused_since = None
+        self.pause[0] = 1 if paused else 0
+
     def take_batch(self) -> list[Piece] | None:
         """The batch it was running (now no longer its own), with its watchdog cancelled."""
         if self.watchdog:
             self.watchdog.cancel()
+        if self.paused_since is not None:
+            self.set_paused(False, self.paused_since)
+        self.paused_seconds = 0.0
         pieces, self.batch = self.batch, None
         return pieces
+
+
+#: A byte shared by the supervisor and one worker (an anonymous shared mapping made before fork).
+PauseFlag = mmap.mmap | bytearray
+
+
+@dataclass
+class Started:
+    pid: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pause: PauseFlag | None = None  # None: its batches cannot be paused (spawned workers)
 
 
 class Spawner(Protocol):
     """Starts worker processes and signals and reaps them."""
 
-    async def start(self, generation: int, backend: Any) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
-        """Start a worker; returns its pid and the two ends of its channel."""
+    async def start(self, generation: int, backend: Any) -> Started:
+        """Start a worker; returns its pid, its channel and its pause flag."""
         ...
 
     def signal(self, pid: int, sig: signal.Signals) -> None: ...
@@ -139,10 +171,12 @@ class ProcessSpawner:
         self.max_frame_bytes = max_frame_bytes
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
 
-    async def start(self, generation: int, backend: Any) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    async def start(self, generation: int, backend: Any) -> Started:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pause = None
         if self.start_method == "fork":
             assert backend is not None
+            pause = mmap.mmap(-1, 1)  # MAP_SHARED | MAP_ANONYMOUS: the child sees what the parent sets
             worker = Worker(
                 child_end.fileno(),
                 backend,
@@ -151,6 +185,7 @@ class ProcessSpawner:
                 parent_pid=os.getpid(),
                 max_frame_bytes=self.max_frame_bytes,
                 forked=True,
+                pause=pause,
             )
             pid = os.fork()
             if pid == 0:  # child
@@ -163,7 +198,7 @@ class ProcessSpawner:
             self._popen[pid] = proc
         child_end.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=1 << 16)
-        return pid, reader, writer
+        return Started(pid, reader, writer, pause)
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -199,6 +234,7 @@ class WorkerPool:
         counters: collections.Counter[str] | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
         kill_after: float = KILL_AFTER,
+        exit_cause: Callable[[int, bool], str] | None = None,
     ) -> None:
         self.spawner = spawner
         self.events = events
@@ -218,6 +254,8 @@ class WorkerPool:
         # a fork then would copy a half-built model. ``respawn_deferred`` starts them after.
         self.loading_model = False
         self._respawns_deferred = 0
+        self.exit_cause = exit_cause  # (exit code, aborted by the watchdog) -> oom_kill | watchdog | crash
+        self.releasing = False  # ``release`` retired every worker: none is replaced until ``adopt``
 
     # --- views ----------------------------------------------------------------------------
 
@@ -231,6 +269,10 @@ class WorkerPool:
     def live(self, generation: int | None = None) -> list[WorkerHandle]:
         gen = self.generation if generation is None else generation
         return [w for w in self.workers.values() if w.generation == gen and w.state is not S.DEAD]
+
+    def serving(self) -> list[WorkerHandle]:
+        """Workers of the serving generation that serve or will (not retiring)."""
+        return [w for w in self.live() if w.state is not S.RETIRING]
 
     # --- starting ---------------------------------------------------------------------------
 
@@ -247,8 +289,9 @@ class WorkerPool:
         return metas
 
     async def spawn(self, generation: int, backend: Any) -> WorkerHandle:
-        pid, reader, writer = await self.spawner.start(generation, backend)
-        handle = WorkerHandle(pid, generation, reader, writer, time.time())
+        started = await self.spawner.start(generation, backend)
+        pid = started.pid
+        handle = WorkerHandle(pid, generation, started.reader, started.writer, time.time(), pause=started.pause)
         self.workers[pid] = handle
         log.info("started worker %d (generation %d)", pid, generation)
         self.background(self._boot(handle))
@@ -287,7 +330,7 @@ class WorkerPool:
         asyncio.get_running_loop().call_later(delay, lambda: self.background(self._respawn()))
 
     async def _respawn(self) -> None:
-        if self.stopping or len(self.live()) >= self.size:
+        if self.stopping or self.releasing or len(self.serving()) >= self.size:
             return
         self.counters["respawns"] += 1
         await self.spawn(self.generation, self.backend)
@@ -295,9 +338,38 @@ class WorkerPool:
     def adopt(self, generation: int, backend: Any) -> None:
         """Serve ``generation`` from now on; older workers retire once they have no batch."""
         self.generation, self.backend = generation, backend
+        self.releasing = False
         for w in list(self.workers.values()):
             if w.generation < generation:
                 self.retire(w)
+
+    def resize(self, size: int) -> None:
+        """Run ``size`` workers: idle ones beyond it retire now, busy ones after their batch; missing
+        ones start."""
+        if size == self.size:
+            return
+        grow = size > self.size
+        self.size = size
+        serving = self.serving()
+        if grow:
+            for _ in range(size - len(serving)):
+                self.schedule_respawn()
+        else:
+            for w in [w for w in serving if w.state is not S.BUSY][: max(0, len(serving) - size)]:
+                self.retire(w)
+
+    async def release(self) -> None:
+        """Retire every worker (each after its batch), wait until they are gone and drop the model,
+        so that the next generation loads into the memory they held. Until ``adopt``, no worker is
+        replaced and batches wait in the queue."""
+        self.releasing = True
+        old = list(self.workers.values())
+        for w in old:
+            self.retire(w)
+        while any(w.pid in self.workers for w in old) and not self.stopping:
+            await asyncio.sleep(0.02)  # SIGCHLD reaps them; this catches a signal lost to a race
+            self.reap()
+        self.backend = None
 
     # --- losing -----------------------------------------------------------------------------
 
@@ -305,10 +377,18 @@ class WorkerPool:
         for pid, code in self.spawner.reap():
             w = self.workers.get(pid)
             if w is not None:
-                if w.state not in (S.RETIRING, S.DEAD) and not self.stopping:
-                    log.warning("worker %d exited with %s", pid, describe_exit(code))
+                if not self.stopping and not (w.state is S.RETIRING and code in (0, -signal.SIGTERM)):
+                    self._report_exit(w, code)
                 self.lost(w, code)
         self.events.changed()
+
+    def _report_exit(self, w: WorkerHandle, code: int) -> None:
+        """Log why a worker that was not retired ended (its channel may have broken first)."""
+        cause = self.exit_cause(code, w.aborted) if self.exit_cause else "crash"
+        if cause == "oom_kill":
+            log.error("worker %d was killed by the OOM killer (%s)", w.pid, describe_exit(code))
+        else:
+            log.warning("worker %d exited with %s (%s)", w.pid, describe_exit(code), cause)
 
     def lost(self, w: WorkerHandle, exit_code: int | None = None) -> None:
         """A worker exited (``exit_code``) or its channel broke (None): settle its batch and
@@ -353,10 +433,11 @@ class WorkerPool:
         self.spawner.signal(w.pid, signal.SIGTERM)
 
     def batch_done(self, w: WorkerHandle) -> None:
-        """Its batch was answered: it takes another, or retires if a reload replaced it."""
+        """Its batch was answered: it takes another, or retires if a reload replaced it, the pool is
+        smaller now or is being released."""
         if w.state is S.BUSY:
             w.move(S.IDLE)
-            if w.generation != self.generation:
+            if w.generation != self.generation or self.releasing or len(self.serving()) > self.size:
                 self.retire(w)
         w.threads = 0
 

@@ -21,8 +21,12 @@ from shm_model.memory import process_memory, sum_figures
 from shm_model.protocol import PRIORITIES
 from shm_model.scheduling import Scheduler
 
+MODEL_FIELDS = ("model", "model_path", "alias", "dimension", "max_seq_length", "device", "prompts")
+
 
 def info(meta: dict[str, Any], generation: int) -> dict[str, Any]:
+    """The default model's fields, and ``models``: every served model's (the first is the default)."""
+    models = [{key: model.get(key) for key in MODEL_FIELDS} for model in meta.get("models") or [meta]]
     return {
         "model": meta.get("model"),
         "model_path": meta.get("model_path"),
@@ -30,6 +34,7 @@ def info(meta: dict[str, Any], generation: int) -> dict[str, Any]:
         "max_seq_length": meta.get("max_seq_length"),
         "device": meta.get("device"),
         "prompts": meta.get("prompts", {}),
+        "models": models,
         "generation": generation,
         "pid": os.getpid(),
     }
@@ -46,6 +51,7 @@ def worker_rows(workers: Iterable[WorkerHandle]) -> list[dict[str, Any]]:
             "batches": w.batches,
             "texts": w.texts,
             "threads": w.threads,
+            "paused": w.paused_since is not None,  # its bulk batch lent its cores to a query
             "uptime_s": round(now - w.started, 3),
         }
         for w in sorted(workers, key=lambda w: w.pid)

@@ -5,11 +5,14 @@ the request queue on a Unix socket. It wires the host's parts and runs its life:
 * ``WorkerPool`` (pool.py): worker processes, their states, losses and replacements;
 * ``Connections`` (connections.py): who may connect, frames and their memory budget;
 * ``Dispatcher`` (dispatch.py): requests, the queue (``shm_model.scheduling``), batches;
-* reports.py: ``info`` and ``status``.
+* reports.py: ``info`` and ``status``;
+* ``MemoryWatch`` (shm_model/pressure.py): memory before a load or reload and while serving.
 
 Its life, in order: take the run directory, load the model and place its weights for
 sharing, freeze the heap, fork the workers, then serve on one asyncio loop until SIGTERM or
-SIGINT (drain, then exit 0), reloading the model on SIGHUP without failing a request. The
+SIGINT (drain, then exit 0), reloading the model on SIGHUP without failing a request (beside
+the serving generation when both fit, else after releasing it: SHM_MODEL_RELOAD), and running
+with fewer workers, smaller batches and a shorter queue while memory is short. The
 supervisor never runs the model itself and never starts a torch thread pool, so that every
 fork is safe.
 """
@@ -26,6 +29,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from config.model_config import HostConfig, ModelConfig
@@ -33,11 +37,21 @@ from shm_model.errors import HostUnavailable, InternalError, PermissionDenied, S
 from shm_model.host import reports
 from shm_model.host.connections import Connection, Connections
 from shm_model.host.dispatch import Dispatcher
-from shm_model.host.pool import ProcessSpawner, WorkerHandle, WorkerPool
+from shm_model.host.pool import ProcessSpawner, WorkerHandle, WorkerPool, WorkerState
 from shm_model.host.rundir import RunDirectory
+from shm_model.pressure import (
+    RUNTIME_BYTES,
+    Capacity,
+    GenerationNeeds,
+    MemoryWatch,
+    check_fits,
+    checkpoint_bytes,
+    mib,
+    reload_mode,
+)
 from shm_model.protocol import Frame, error_reply, reply_id, request_id, request_op, result_reply
 from shm_model.scheduling import Piece
-from workers.backends import Backend, load_backend
+from workers.models import ModelSet, load_models
 from workers.worker import WORKER_BOOT_ERROR, channel_frame_limit
 
 log = logging.getLogger(__name__)
@@ -89,6 +103,9 @@ class Supervisor:
         self._changed: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
+        self.watch = MemoryWatch(
+            host_cfg, Capacity(workers=1, max_batch_tokens=host_cfg.max_batch_tokens, queue_size=host_cfg.queue_size)
+        )
         self.pool = WorkerPool(
             ProcessSpawner(start_method="fork", threads=1, max_frame_bytes=host_cfg.max_frame_bytes),
             self,
@@ -97,6 +114,7 @@ class Supervisor:
             worker_grace=host_cfg.worker_grace,
             background=self._background,
             counters=self.counters,
+            exit_cause=lambda code, aborted: self.watch.worker_died(code, aborted=aborted),
         )
         self.dispatcher = Dispatcher(
             host_cfg,
@@ -106,6 +124,7 @@ class Supervisor:
             changed=self.changed,
             counters=self.counters,
         )
+        self.dispatcher.on_answer = self.watch.record
         self.connections = Connections(
             on_frame=self._handle_request,
             on_closed=self.dispatcher.abandon,
@@ -147,6 +166,7 @@ class Supervisor:
         self.rundir.take()
         try:
             self._configure()
+            self._check_load()
             if self._start_method == "fork":
                 self.pool.backend = self._load()
                 self._set_meta(self.pool.backend.describe())
@@ -164,6 +184,7 @@ class Supervisor:
             start_method=self._start_method, threads=self._threads, max_frame_bytes=self.cfg.max_frame_bytes
         )
         self.dispatcher.configure(workers=workers, threads=self._threads, dynamic=self._dynamic_threads())
+        self.watch.policy.full = replace(self.watch.policy.full, workers=workers)
         if workers * self._threads > self._cores:
             log.warning("%d workers x %d threads > %d cores; expect contention", workers, self._threads, self._cores)
 
@@ -174,32 +195,58 @@ class Supervisor:
     def _resolve_device(self) -> str:
         if self.cfg.backend == "dummy":
             return "cpu"
-        from workers.backends import resolve_device
+        from workers.model_source import resolve_device
 
         return resolve_device(self.model_cfg.device)
 
-    def _load(self) -> Backend:
+    def _check_load(self) -> None:
+        """Refuse to start, before loading anything, when the model cannot fit: its weights by placement and
+        dtype (from the checkpoint), the model runtime and the workers, against RAM available, the cgroup's
+        room and SHM_MODEL_MEMORY_LIMIT."""
+        by_dtype: collections.Counter[str] = collections.Counter()
+        if self.cfg.backend != "dummy":
+            from workers.model_source import resolve_model
+
+            for name in self.model_cfg.names:
+                by_dtype.update(checkpoint_bytes(resolve_model(replace(self.model_cfg, name=name)).location))
+        needs = GenerationNeeds.from_checkpoint(
+            by_dtype,
+            placement=self.cfg.weights,
+            workers=self.pool.size,
+            runtime=0 if "torch" in sys.modules else RUNTIME_BYTES[self.cfg.backend],  # once imported, it is measured
+        )
+        check_fits(
+            needs.total(),
+            self.watch.headroom([os.getpid()]),
+            hint=f"estimated {needs.describe()}; fewer SHM_MODEL_WORKERS, a smaller model, or more room "
+            "(SHM_MODEL_MEMORY_LIMIT, the cgroup's limit) would fit",
+        )
+
+    def _load(self) -> ModelSet:
         self.pool.loading_model = True
         try:
             started = time.perf_counter()
-            backend = load_backend(self.model_cfg, self.cfg)
-            log.info(
-                "loaded %s (%s, dim %d) in %.2fs; weights %s",
-                backend.name,
-                self._device,
-                backend.dimension,
-                time.perf_counter() - started,
-                backend.placement,
-            )
-            return backend
+            models = load_models(self.model_cfg, self.cfg)
+            for backend in models:
+                log.info(
+                    "loaded %s (%s, dim %d) in %.2fs; weights %s",
+                    backend.name,
+                    self._device,
+                    backend.dimension,
+                    backend.load_seconds,
+                    backend.placement,
+                )
+            if len(models) > 1:
+                log.info("loaded %d models in %.2fs", len(models), time.perf_counter() - started)
+            return models
         finally:
             self.pool.loading_model = False
 
     def _set_meta(self, meta: dict[str, Any]) -> None:
         self._meta = meta
-        self.dispatcher.meta = meta
+        self.dispatcher.set_models(meta)
 
-    async def _start_generation(self, generation: int, backend: Backend | None) -> None:
+    async def _start_generation(self, generation: int, backend: ModelSet | None) -> None:
         started = time.perf_counter()
         metas = await self.pool.start_generation(generation, backend)
         if self._start_method == "spawn" and metas:
@@ -222,6 +269,7 @@ class Supervisor:
             log.error("%s", exc)
             await self.pool.stop()
             return WORKER_BOOT_ERROR
+        self._background(self._watch_memory())
         listen = self.rundir.bind()
         self._server = await asyncio.start_unix_server(self.connections.handle, sock=listen, limit=1 << 16)
         log.info(
@@ -236,6 +284,37 @@ class Supervisor:
         )
         await self._done.wait()
         return self.exit_code
+
+    # --- memory -----------------------------------------------------------------------------
+
+    def _pids(self) -> list[int]:
+        return [os.getpid(), *self.pool.workers]
+
+    async def _watch_memory(self) -> None:
+        """Look at memory every SHM_MODEL_PRESSURE_INTERVAL (off the loop) and run with the capacity it allows."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            running = [w.pid for w in self.pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
+            reading = await loop.run_in_executor(None, self.watch.sample, self._pids(), running)
+            capacity = self.watch.check(loop.time(), reading)
+            self.dispatcher.set_capacity(max_batch_tokens=capacity.max_batch_tokens, queue_size=capacity.queue_size)
+            self.pool.resize(capacity.workers)
+            await asyncio.sleep(self.cfg.pressure_interval)
+
+    def _generation_needs(self) -> GenerationNeeds:
+        """What one more generation of the serving model needs: its copied weights and its workers."""
+        weights: collections.Counter[str] = collections.Counter()
+        for backend in self.pool.backend or ():
+            weights.update(backend.placement)
+        return self.watch.needs(weights, self.watch.policy.full.workers)
+
+    def _health(self) -> dict[str, Any]:
+        """Degraded or not and why, memory figures and the capacity they allow, worker restarts by cause."""
+        report = self.watch.report(
+            asyncio.get_running_loop().time(), workers=len(self.pool.serving()), target=self.watch.policy.full.workers
+        )
+        report["memory_pressure"]["second_generation"] = self._generation_needs().second()
+        return report
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -310,10 +389,11 @@ class Supervisor:
             "queue_depth": self.dispatcher.scheduler.queued_pieces(),
             "queue": reports.queue_report(self.dispatcher.scheduler, self.cfg.bulk_batch_ms),
             "in_flight": len(self.dispatcher.requests),
-            "queue_size": self.cfg.queue_size,
+            "queue_size": self.dispatcher.queue_size,
             "stopping": self._stopping,
             "workers": reports.worker_rows(self.pool.workers.values()),
             "counters": dict(self.counters),
+            **self._health(),
         }
 
     # --- reload and stop ------------------------------------------------------------------------
@@ -331,23 +411,23 @@ class Supervisor:
             if self._stopping:
                 raise HostUnavailable("the host is shutting down")
             generation = self.pool.generation + 1
-            log.info("reloading the model (generation %d)", generation)
-            backend = None
-            if self._start_method == "fork":
-                try:
-                    backend = await asyncio.get_running_loop().run_in_executor(None, self._load)
-                except ShmModelError:
-                    raise
-                except Exception as exc:
-                    raise InternalError(f"reload failed: {type(exc).__name__}: {exc}") from exc
-                finally:
-                    self.pool.respawn_deferred()
-                gc.freeze()
+            needs = self._generation_needs()
+            headroom = await asyncio.get_running_loop().run_in_executor(None, self.watch.headroom, self._pids())
+            mode = reload_mode(self.cfg.reload, needs, headroom)
+            log.info(
+                "reloading by %s (generation %d): a second generation needs %s (%s), %s available",
+                mode, generation, mib(needs.second()), needs.describe(), mib(headroom),
+            )  # fmt: skip
+            if mode == "swap":
+                await self.pool.release()
+                gc.unfreeze()
+                gc.collect()
             try:
-                await self._start_generation(generation, backend)
-            except ShmModelError:
-                for w in self.pool.live(generation):
-                    self.pool.retire(w)
+                backend = await self._load_generation(generation)
+            except ShmModelError as exc:
+                if self.pool.releasing:  # nothing is left to serve with
+                    log.error("reload failed after the old generation was released; stopping: %s", exc)
+                    self.fatal("reload failed")
                 raise
             old_backend = self.pool.backend
             self.pool.adopt(generation, backend)
@@ -355,12 +435,35 @@ class Supervisor:
                 self._set_meta(backend.describe())
             self.dispatcher.dispatch()
             del old_backend
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+            if mode == "overlap":  # a swap freed the old model before the fork; collecting now would touch
+                gc.unfreeze()  # every object and unshare the supervisor's pages from the new workers
+                gc.collect()
+                gc.freeze()
             self.counters["reloads"] += 1
+            self.counters[f"reloads_{mode}"] += 1
             log.info("reloaded: generation %d serving", generation)
-            return self.info()
+            return {**self.info(), "reload_mode": mode}
+
+    async def _load_generation(self, generation: int) -> ModelSet | None:
+        """Load the model again (fork) and start a full set of workers on it; workers of a failed start retire."""
+        backend = None
+        if self._start_method == "fork":
+            try:
+                backend = await asyncio.get_running_loop().run_in_executor(None, self._load)
+            except ShmModelError:
+                raise
+            except Exception as exc:
+                raise InternalError(f"reload failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                self.pool.respawn_deferred()
+            gc.freeze()
+        try:
+            await self._start_generation(generation, backend)
+        except ShmModelError:
+            for w in self.pool.live(generation):
+                self.pool.retire(w)
+            raise
+        return backend
 
     def _begin_stop(self, reason: str) -> None:
         if self._stopping:

@@ -14,6 +14,7 @@ import itertools
 import json
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from shm_model.errors import BadRequest
+from shm_model.host.pool import Started
 from shm_model.protocol import (
     PREFIX,
     ConnectionClosed,
@@ -50,16 +52,19 @@ class FakeSpawner:
     signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
     batches: list[tuple[int, list[str], int]] = field(default_factory=list)  # (pid, texts, threads)
     exited: list[tuple[int, int]] = field(default_factory=list)
+    pauses: dict[int, bytearray] = field(default_factory=dict)  # each worker's pause flag
+    paused_while: list[tuple[int, str]] = field(default_factory=list)  # (pid, text) a batch waited on
     started: int = 0
 
-    async def start(self, generation: int, backend: Any) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    async def start(self, generation: int, backend: Any) -> Started:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = next(self.pids)
         self.started += 1
         self.sockets[pid] = child
+        self.pauses[pid] = bytearray(1)
         self.tasks[pid] = asyncio.get_running_loop().create_task(self._run(pid, child, self.boot))
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        return pid, reader, writer
+        return Started(pid, reader, writer, self.pauses[pid])
 
     async def _run(self, pid: int, child: socket.socket, boot: bool) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=child)
@@ -79,6 +84,13 @@ class FakeSpawner:
                 return
             if "__hang__" in texts:
                 await asyncio.Event().wait()
+            for text in texts:  # "__layers__:N": N steps, passing the pause gate before each
+                if text.startswith("__layers__:"):
+                    for _ in range(int(text.split(":")[1])):
+                        while self.pauses[pid][0]:
+                            self.paused_while.append((pid, text))
+                            await asyncio.sleep(0.001)
+                        await asyncio.sleep(0.001)
             if "__error__" in texts:
                 writer.write(error_reply(frame.header["id"], BadRequest("the model refused a text")))
                 continue
@@ -149,11 +161,13 @@ class FakeConnection:
         self.closed = False
         self.requests: set[Any] = set()
         self.replies: dict[Any, Frame] = {}
+        self.at: dict[Any, float] = {}  # monotonic time each reply was sent
 
     def send(self, data: bytes) -> None:
         header_len, _ = unpack_prefix(data[: PREFIX.size], FRAME_LIMIT)
         header = json.loads(data[PREFIX.size : PREFIX.size + header_len])
         self.replies[header.get("id")] = Frame(header, data[PREFIX.size + header_len :])
+        self.at[header.get("id")] = time.monotonic()
 
     def vectors(self, rid: Any) -> np.ndarray:
         return vectors_from_frame(self.replies[rid])

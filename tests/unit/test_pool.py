@@ -38,7 +38,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 class Host:
     """A pool of fake workers, and optionally a dispatcher on it, wired as the supervisor does."""
 
-    def __init__(self, *, size: int = 2, dispatcher: bool = False, **cfg: Any) -> None:
+    def __init__(self, *, size: int = 2, dispatcher: bool = False, dynamic: bool = False, **cfg: Any) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.spawner = FakeSpawner()
         self.events = Events()
@@ -61,8 +61,8 @@ class Host:
                 HostConfig(**cfg), self.pool, cores=2, background=self.background, changed=lambda: None,
                 counters=self.counters,
             )  # fmt: skip
-            self.dispatcher.meta = META
-            self.dispatcher.configure(workers=size, threads=1, dynamic=False)
+            self.dispatcher.set_models(META)
+            self.dispatcher.configure(workers=size, threads=1, dynamic=dynamic)
             self.events.dispatcher = self.dispatcher
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -288,6 +288,33 @@ def test_a_full_queue_refuses_with_overloaded() -> None:
         with pytest.raises(Exception, match="2 requests in flight") as refused:
             host.dispatcher.submit(conn, 3, {"texts": ["c"]})  # type: ignore[arg-type]
         assert refused.value.code == "overloaded"  # type: ignore[attr-defined]
+        await host.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("pause_bulk", [True, False])
+def test_a_query_borrows_the_cores_of_a_running_bulk_batch_which_waits_between_layers(pause_bulk: bool) -> None:
+    async def body() -> None:
+        host = Host(size=2, dispatcher=True, dynamic=True, pause_bulk=pause_bulk)
+        await host.start()
+        assert host.dispatcher is not None
+        ingest, chat = FakeConnection(pid=1), FakeConnection(pid=2)
+        host.dispatcher.submit(ingest, 1, {"texts": ["__layers__:300"], "priority": "bulk"})  # type: ignore[arg-type]
+        await until(lambda: host.spawner.batches, "the bulk batch to start")
+        assert host.spawner.batches[0][2] == 2  # a lone batch on a quiet host takes both cores
+        host.dispatcher.submit(chat, 2, {"texts": ["query"], "priority": "interactive"})  # type: ignore[arg-type]
+        await until(lambda: 2 in chat.replies and 1 in ingest.replies, "both answers")
+        query_threads = next(threads for _, texts, threads in host.spawner.batches if texts == ["query"])
+        if pause_bulk:
+            # Answered while the bulk batch waited, on the cores it lent; then the bulk batch went on.
+            assert host.counters["bulk_pauses"] == 1 and host.spawner.paused_while
+            assert query_threads == 2 and chat.error(2) is None and ingest.error(1) is None
+            assert not any(flag[0] for flag in host.spawner.pauses.values())
+            assert chat.at[2] < ingest.at[1]
+        else:  # the query waits for the bulk batch's cores
+            assert host.counters["bulk_pauses"] == 0 and not host.spawner.paused_while
+            assert chat.at[2] > ingest.at[1]
         await host.close()
 
     run(body())

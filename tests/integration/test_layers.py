@@ -16,10 +16,27 @@ import pytest
 
 from tests.conftest import ROOT, base_env
 
+#: The apps and the HTTP stack: nothing of the host, its workers or config imports them.
+APPS = ("api_server", "api", "tablerag", "rag_with_tables", "benchmarks", "fastapi", "uvicorn", "starlette")
+#: The layers above the client: the manager, the supervisor and the CLI.
+ABOVE_CLIENT = ("shm_model.manager", "shm_model.host", "shm_model.cli")
+
+# Layers, lowest first: errors, protocol and the pure queue rules; config; workers and the client;
+# the manager and the host (supervisor); the CLI; the apps (API, document processor, benchmarks).
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "config": ("shm_model", "api_server", "tablerag", "workers", "rag_with_tables", "fastapi", "torch"),
-    "shm_model/cli.py": ("api_server", "fastapi", "uvicorn", "tablerag"),
-    "shm_model/errors.py": ("shm_model", "api_server", "tablerag", "workers"),
+    "config": ("shm_model", "workers", "torch", *APPS),
+    "shm_model/errors.py": ("shm_model", "workers", *APPS),
+    "shm_model/protocol.py": ("shm_model.client", "shm_model.scheduling", "workers", *ABOVE_CLIENT, *APPS),
+    "shm_model/scheduling.py": ("shm_model.client", "workers", "config", *ABOVE_CLIENT, *APPS),
+    "shm_model/client.py": ("workers", "pydantic", *ABOVE_CLIENT, *APPS),  # torch only for convert_to_tensor
+    "shm_model/manager.py": ("shm_model.host", "shm_model.cli", *APPS),
+    "shm_model/host": ("shm_model.manager", "shm_model.cli", "shm_model.client", *APPS),
+    "shm_model/cli.py": APPS,
+    "shm_model": APPS,
+    "workers": ("shm_model.client", *ABOVE_CLIENT, *APPS),
+    "tablerag": ("api_server", "api", "fastapi", "uvicorn", "starlette", "shm_model.host", "workers"),
+    # The HTTP app's parts: the model only through the manager; the entry point assembles them.
+    "api": ("api_server", "rag_with_tables", "benchmarks", "workers", "torch", "shm_model.client", "shm_model.host"),
 }
 
 
@@ -76,6 +93,30 @@ def test_the_check_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
         "shm_model.errors",
         "shm_model.errors.X",
     ]
+
+
+def test_the_api_rule_flags_the_api_package_and_nothing_named_like_it(tmp_path: Path) -> None:
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "import api\nfrom api.state import AppState\nfrom .routers import rag\n"
+        "from config.api_config import ApiConfig\nimport apispec\nimport fastapi_utils\n"
+    )
+    names = imported(source, package="api")
+    assert [name for name in sorted(names) if breaks(name, FORBIDDEN["tablerag"])] == [
+        "api",
+        "api.routers",
+        "api.routers.rag",
+        "api.state",
+        "api.state.AppState",
+    ]
+
+
+def test_the_job_runner_loads_without_fastapi() -> None:
+    probe = "import sys, tablerag.jobs; print(sorted(m for m in ('fastapi', 'starlette', 'api') if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_the_client_imports_neither_pydantic_nor_torch_and_starts_fast() -> None:

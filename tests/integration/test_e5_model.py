@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tablerag import e5_model
+from shm_model import e5_model
 
 TEXTS = [
     "서울특별시의 2023년 인구는 약 940만 명이다.",

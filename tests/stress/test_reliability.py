@@ -363,7 +363,7 @@ def test_http_load_has_no_errors_but_explicit_429(bundled_host: Host, tmp_path: 
 
 
 def test_no_code_path_unpickles() -> None:
-    sources = [p for d in ("shm_model", "workers", "config", "tablerag") for p in (ROOT / d).rglob("*.py")]
+    sources = [p for d in ("shm_model", "workers", "config", "tablerag", "api") for p in (ROOT / d).rglob("*.py")]
     sources += [ROOT / "api_server.py", ROOT / "rag_with_tables.py"]
     for path in sources:
         text = path.read_text(encoding="utf-8")

@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from shm_model.protocol import pack, recv_frame, vectors_from_frame
 from tests.conftest import poll
@@ -36,6 +37,27 @@ def test_a_query_is_not_stuck_behind_bulk_work(host_factory) -> None:
     status = host.status()
     assert status["queue"]["interactive"]["served_requests"] == 1
     assert status["queue"]["bulk"]["batches"] >= 10  # cut into batches of about 100 ms
+
+
+@pytest.mark.parametrize("pause", ["true", "false"])
+def test_a_query_borrows_the_cores_of_a_long_bulk_text(host_factory, pause: str) -> None:
+    """One bulk text that runs for seconds on every core: with SHM_MODEL_PAUSE_BULK the query
+    is answered while it waits between two steps (layers), else after it."""
+    host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="2", SHM_MODEL_PAUSE_BULK=pause)
+    bulk = host.client(timeout=60)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (bulk.encode(["__sleep__:3"], priority="bulk"), done.set()))
+    worker.start()
+    poll(lambda: any(w["state"] == "busy" for w in host.status()["workers"]), 10, what="the bulk text to run")
+    threads = host.client(timeout=30).encode(["__threads__"], priority="interactive")
+    answered_first = not done.is_set()
+    worker.join(60)
+    counters = host.status()["counters"]
+    if pause == "true":
+        assert answered_first and counters["bulk_pauses"] == 1
+        assert threads[0, 0] == len(os.sched_getaffinity(0))  # every core: the bulk text lent its own
+    else:
+        assert not answered_first and "bulk_pauses" not in counters
 
 
 def test_a_lone_batch_gets_every_core_and_busy_workers_never_share_one(host_factory) -> None:

@@ -29,6 +29,7 @@ import api_server
 from benchmarks.common import percentile
 from shm_model.manager import ModelManager
 from tablerag import answers
+from tablerag.jobs import MAX_NAME_BYTES, Jobs, short_name
 from tests.conftest import ROOT, ApiUrl, Host, base_env, launch, poll
 from tests.conftest import api_server as run_api_server
 
@@ -446,9 +447,9 @@ def test_bounded_table_keeps_the_rows_around_the_hit() -> None:
 
 def test_long_names_are_cut_by_bytes_on_a_character_boundary() -> None:
     name = "가" * 196 + ".xlsx"
-    short = api_server.short_name(name)
-    assert len(short.encode()) <= api_server.MAX_NAME_BYTES and short.endswith(".xlsx") and name.startswith(short[:-5])
-    assert api_server.short_name("a.txt") == "a.txt"
+    short = short_name(name)
+    assert len(short.encode()) <= MAX_NAME_BYTES and short.endswith(".xlsx") and name.startswith(short[:-5])
+    assert short_name("a.txt") == "a.txt"
 
 
 # --- ingestion jobs -----------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(
     os.mkfifo(stuck)
     fine = tmp_path / "fine.txt"
     fine.write_text("서울특별시 인구는 940만 명이다.", encoding="utf-8")
-    jobs = api_server.Jobs(api_server.Settings(db=str(tmp_path / "rag.db"), job_timeout=10, keep_uploads=True))
+    jobs = Jobs(api_server.Settings(db=str(tmp_path / "rag.db"), job_timeout=10, keep_uploads=True))
     try:
         started = time.time()
         first = jobs.submit([str(stuck)])
@@ -494,7 +495,7 @@ def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(
 
 def test_a_full_job_queue_is_429(app_for: Any, tmp_path: Path) -> None:
     api = app_for(job_queue=1, job_timeout=60)
-    jobs: api_server.Jobs = api.app.state.values["jobs"]
+    jobs: Jobs = api.app.state.api.jobs
     stuck = tmp_path / "stuck.txt"
     os.mkfifo(stuck)
     running = jobs.submit([str(stuck)])
