@@ -20,8 +20,8 @@ of shm_model/, workers/ and tablerag/store.py (each module's time is then the su
 test times, shown in the report). Results are kept in mutants/ between runs (delete it, or
 --fresh, to start over).
 
-What "the tests that cover it" means: mutmut runs the in-process tests once (tests/unit/ and
-tests/test_protocol.py, set in pyproject.toml [tool.mutmut]) and records which test called which
+What "the tests that cover it" means: mutmut runs the in-process tests once (tests/unit/, set in
+pyproject.toml [tool.mutmut]) and records which test called which
 function; each mutant then runs only those tests. Code that runs only in a subprocess (the
 supervisor's serving loop and a worker's main loop, started by tests/conftest.py's hosts) is
 covered by no in-process test, so its mutants count as "no tests", which the score counts as

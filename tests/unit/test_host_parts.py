@@ -288,6 +288,7 @@ class Worker:
     def __init__(self, pid: int, state: WorkerState, started: float) -> None:
         self.pid, self.generation, self.state, self.started = pid, 2, state, started
         self.requests_served, self.batches, self.texts, self.threads = 5, 3, 40, 1
+        self.paused_since: float | None = None
 
 
 def test_info_names_the_model_and_this_process() -> None:
@@ -299,6 +300,17 @@ def test_info_names_the_model_and_this_process() -> None:
         "max_seq_length": 64,
         "device": "cpu",
         "prompts": {},
+        "models": [
+            {
+                "model": "m",
+                "model_path": "/m",
+                "alias": None,
+                "dimension": 8,
+                "max_seq_length": 64,
+                "device": "cpu",
+                "prompts": None,
+            }
+        ],
         "generation": 3,
         "pid": os.getpid(),
     }
@@ -317,6 +329,7 @@ def test_worker_rows_are_sorted_by_pid() -> None:
         "batches": 3,
         "texts": 40,
         "threads": 1,
+        "paused": False,
         "uptime_s": rows[1]["uptime_s"],
     }
     assert 10 <= rows[1]["uptime_s"] < 12

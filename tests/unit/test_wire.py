@@ -316,7 +316,7 @@ def test_too_long_names_the_item_and_its_count() -> None:
 
 def test_every_error_survives_the_wire_with_its_class_and_details() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ShmModelError)]
-    assert len({c.code for c in classes}) == len(classes) == 12
+    assert len({c.code for c in classes}) == len(classes) >= 12
     for cls in classes:
         error = cls("what went wrong", where=1)
         assert str(error) == error.message == "what went wrong"

@@ -18,9 +18,10 @@ import pytest
 from config.model_config import HostConfig, ModelConfig
 from shm_model.errors import BadRequest, ModelLoadError, PayloadTooLarge
 from shm_model.protocol import MAGIC, PREFIX, Frame, pack, recv_frame, vectors_from_frame
-from workers import backends
+from workers import models
 from workers import worker as worker_module
 from workers.backends import Backend, DummyBackend
+from workers.models import ModelSet
 from workers.worker import WORKER_BOOT_ERROR, Worker, channel_frame_limit, die_with_parent, run_forked
 
 
@@ -44,8 +45,9 @@ class Broken(Recorder):
 
 
 def make_worker(backend: Backend | None, *, threads: int = 2, fd: int = -1, forked: bool = False) -> Worker:
+    models = None if backend is None else ModelSet([("dummy", backend)])
     return Worker(
-        fd, backend, threads=threads, generation=4, parent_pid=os.getppid(), max_frame_bytes=1000, forked=forked
+        fd, models, threads=threads, generation=4, parent_pid=os.getppid(), max_frame_bytes=1000, forked=forked
     )
 
 
@@ -143,7 +145,7 @@ def test_run_says_ready_serves_batches_and_ends_when_the_channel_closes(monkeypa
     thread.join(10)
     channel.close()
     ready = replies[0].header
-    assert ready == {"op": "ready", "pid": os.getpid(), "backend": backend.describe()}
+    assert ready == {"op": "ready", "pid": os.getpid(), "backend": w.backend.describe()}
     assert [vectors_from_frame(f).shape for f in replies[1:]] == [(1, 32), (2, 32)]
     assert backend.calls == [("prepare", 3)]
     assert trims == [1, 1]
@@ -242,7 +244,7 @@ def test_a_spawned_worker_that_cannot_load_the_model_exits_with_the_boot_error(
         assert kwargs == {"place": False}  # a spawned worker keeps the weights it loaded
         raise ModelLoadError("model 'x' not found")
 
-    monkeypatch.setattr(backends, "load_backend", cannot_load)
+    monkeypatch.setattr(models, "load_models", cannot_load)
     monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
     a, b = socket.socketpair()
     fd = os.dup(b.fileno())
