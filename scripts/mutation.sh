@@ -16,8 +16,8 @@ mutant that was not detected (`mutmut show NAME` prints its diff).
 
 MODULE is a dotted module or package (shm_model.protocol, shm_model.host, workers.worker,
 tablerag.store), run one after the other, each timed; without one, one run over every module
-of shm_model/, workers/ and tablerag/store.py (each module's time is then the sum of its mutants'
-test times, shown in the report). Results are kept in mutants/ between runs (delete it, or
+of shm_model/, workers/ and tablerag/store.py (timed as a whole; mutants with the fastest tests
+run first, so a run cut short has scored those). Results are kept in mutants/ between runs (delete it, or
 --fresh, to start over).
 
 What "the tests that cover it" means: mutmut runs the in-process tests once (tests/unit/, set in

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = sorted(equivalent - {name for codes, _ in results.values() for name in codes})
 
     columns = ("detected", "survived", "no tests", "suspicious", "equivalent", "not run")
-    print(f"{'module':<34}{'mutants':>8}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>8}{'seconds':>9}")
+    print(f"{'module':<34}{'mutants':>8}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>8}")
     group_tallies = {group: Tally() for group in GROUPS}
     for path in sorted(tallies):
         tally = tallies[path]
@@ -131,14 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             if in_group(path, group):
                 group_tallies[group].add(tally)
         row = "".join(f"{tally.counts[c]:>11}" for c in columns)
-        print(f"{path:<34}{tally.total:>8}{row}{tally.score_text():>8}{tally.seconds:>9.0f}")
+        print(f"{path:<34}{tally.total:>8}{row}{tally.score_text():>8}")
     print()
     for group, tally in group_tallies.items():
         if tally.total:
-            print(
-                f"score {group}: {tally.score_text()} ({tally.counts['detected']} of {tally.scored} non-equivalent; "
-                f"{tally.seconds:.0f} s of mutant test runs)"
-            )
+            print(f"score {group}: {tally.score_text()} ({tally.counts['detected']} of {tally.scored} non-equivalent)")
             if tally.counts["not run"]:
                 print(f"  ({tally.counts['not run']} mutants not run yet: the score is of the others)")
     if not args.quiet and survivors:
