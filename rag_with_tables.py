@@ -62,8 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--questions", metavar="FILE", help="also write the sample questions as JSON to FILE")
 
-    p = sub.add_parser("evaluate", help="recall@k and MRR of each retrieval mode on questions with known answers")
-    p.add_argument("--questions", help="JSON list of {question, file, contains}; default: the sample questions")
+    p = sub.add_parser(
+        "collection", help="write the evaluation collection (29 look-alike office files in 7 formats) to a folder"
+    )
+    p.add_argument("folder")
+    p.add_argument("--questions", metavar="FILE", help="also write its labelled questions as JSON to FILE")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="hit@1, recall@k, MRR, answer accuracy and no-answer rate by retrieval mode and question kind",
+        description="Ask every question of a set and report, per retrieval mode and per kind of question: "
+        "hit@1, recall@k and MRR of the passage that answers it, the share of answers that contain the expected "
+        "value, the share of answerable questions declined, and the share of unanswerable ones declined.",
+    )
+    p.add_argument(
+        "--questions",
+        help="JSON list of {question, file, contains, answer, kind} (no file: unanswerable); "
+        "default: the sample questions",
+    )
+    p.add_argument("--collection", action="store_true", help="the evaluation collection's questions (ingest it first)")
+    p.add_argument(
+        "--api", metavar="URL", help="ask a running API server (/search, /chat; API_KEY) instead of the store"
+    )
+    p.add_argument("--mode", action="append", choices=("hybrid", "dense", "bm25"), help="only this mode (repeatable)")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true")
     return parser
@@ -82,22 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.db = args.db or config.db
-    if args.command == "samples":
-        from pathlib import Path
+    if args.command in ("samples", "collection"):
+        from tablerag import collection, samples
 
-        from tablerag.samples import write_corpus, write_questions
-
-        try:
-            paths = write_corpus(Path(args.folder))
-        except RuntimeError as exc:  # no Korean font for the PDF
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        for path in paths:
-            print(path)
-        if args.questions:
-            write_questions(Path(args.questions))
-            print(args.questions)
-        return 0
+        module: Any = samples if args.command == "samples" else collection
+        return _write_files(module.write_corpus if module is samples else module.write_collection, module, args)
+    if args.command == "evaluate" and args.api:
+        return _evaluate(None, None, args)
     if getattr(args, "k", 1) < 1:
         print("error: -k must be >= 1", file=sys.stderr)
         return 2
@@ -131,6 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         store.close()
+
+
+def _write_files(write: Any, module: Any, args: argparse.Namespace) -> int:
+    """Write a generated corpus (and its questions) to the folder named, listing the files."""
+    from pathlib import Path
+
+    try:
+        paths = write(Path(args.folder))
+    except RuntimeError as exc:  # no Korean font for the PDFs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    if args.questions:
+        module.write_questions(Path(args.questions))
+        print(args.questions)
+    return 0
 
 
 def _ingest(store: Any, model: Any, args: argparse.Namespace) -> int:
@@ -200,20 +229,31 @@ def _reindex(store: Any, model: Any, args: argparse.Namespace) -> int:
 
 
 def _evaluate(store: Any, model: Any, args: argparse.Namespace) -> int:
-    from tablerag.evaluate import evaluate, load_questions
-    from tablerag.retrieval import Retriever
+    from tablerag import collection
+    from tablerag.evaluate import ApiBackend, Backend, StoreBackend, evaluate, load_questions, table
+    from tablerag.retrieval import MODES, Retriever
 
-    retriever = Retriever(store, model)
-    retriever.check_model()
-    result = evaluate(retriever, load_questions(args.questions), k=args.k)
-    result["model"] = (store.model() or (None,))[0]
+    backend: Backend
+    if args.api:
+        backend = ApiBackend(args.api, key=os.environ.get("API_KEY", ""))
+        source = args.api
+    else:
+        retriever = Retriever(store, model)
+        retriever.check_model()
+        backend = StoreBackend(retriever)
+        source = (store.model() or (None,))[0]
+    try:
+        questions = collection.questions() if args.collection else load_questions(args.questions)
+        result = evaluate(backend, questions, k=args.k, modes=args.mode or MODES)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # a bad questions file, a failing API
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result["source"] = source
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return 0
-    print(f"model {result['model']}, {result['questions']} questions")
-    print(f"| mode | recall@{args.k} | MRR |\n|---|---|---|")
-    for mode, figures in result["modes"].items():
-        print(f"| {mode} | {figures[f'recall@{args.k}']:.3f} | {figures['mrr']:.3f} |")
+    print(f"{source}: {result['questions']} questions")
+    print(table(result))
     return 0
 
 

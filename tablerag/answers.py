@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from shm_model import errors
-from tablerag.chunking import location_label, split_sentences, terms
+from tablerag.chunking import grams, location_label, split_sentences
 from tablerag.store import Hit
 
 #: A row hit carries its table's Markdown up to this size (else the rows around the hit).
@@ -99,27 +100,132 @@ def citations(hits: list[Hit], budget: int = MAX_RESPONSE_BYTES) -> tuple[list[d
     return out, False
 
 
+#: A hit whose evidence (``Hit.evidence``: the share of the question's distinctive words it
+#: holds, halved when it lacks a year the question names) is below this is no answer: the
+#: reply says the documents do not say. Calibrated on the evaluation collection (README).
+MIN_EVIDENCE = 0.5
+NOT_FOUND = "문서에서 답을 찾지 못했습니다. (Not found in the documents.)"
+
+#: What a question asks for, and how the column or value that answers it looks:
+#: (question pattern, header pattern, value pattern).
+CUES: list[tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]] = [
+    (re.compile(p), re.compile(h), re.compile(v))
+    for p, h, v in (
+        (r"얼마|금액|요금|비용|가격|이용료|수수료|회비|내야|들어", r"원|료|금|비|액", r"\d\s*원|^\d{1,3}(,\d{3})+$"),
+        (r"몇\s*명|인원|인구|사람", r"명|인원|인구|정원|현원", r"^\d[\d,]*$"),
+        (r"언제|몇\s*시|시간|요일", r"시간|일시|기간|요일|일자|날짜", r"\d{1,2}:\d{2}|요일|휴진|\d+\s*(?:월|일|시)"),
+        (r"몇\s*권", r"권", r"권|^\d[\d,]*$"),
+        (r"몇\s*석|좌석", r"석", r"석|^\d[\d,]*$"),
+        (r"몇\s*세대|세대", r"세대", r"^\d[\d,]*$"),
+        (r"몇\s*%|비율|률|율", r"률|율|%", r"%"),
+        (r"어디|위치|주소|소재", r"소재|위치|주소|장소", r"[가-힣]+(동|구|시|군|읍|면|로|길)$"),
+    )
+]
+_UNIT = re.compile(r"\(([^()]*)\)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer extracted from the hits (or ``NOT_FOUND``), whether it was declined, and the
+    hits it rests on, one per source (a table once, however many of its rows were hits)."""
+
+    text: str
+    declined: bool
+    hits: list[Hit]
+
+
+def dedupe(hits: list[Hit]) -> list[Hit]:
+    """The hits with each table, and each passage, once (the best-ranked hit of it)."""
+    seen: set[tuple[str, str]] = set()
+    out: list[Hit] = []
+    for hit in hits:
+        key = (hit.path, hit.table_markdown if hit.kind in ("row", "table") and hit.table_markdown else body(hit))
+        if key not in seen:
+            seen.add(key)
+            out.append(hit)
+    return out
+
+
+def body(hit: Hit) -> str:
+    """A chunk's content without its context lines (document, place)."""
+    return hit.text.rsplit("\n", 1)[-1] if hit.kind == "text" else hit.text
+
+
+def respond(question: str, hits: list[Hit]) -> Reply:
+    """The reply to ``question`` from ranked ``hits``: declined when the best one's evidence is
+    below ``MIN_EVIDENCE``; else the value it holds (a row's cell, a table's row, a passage's
+    sentence), cited."""
+    unique = dedupe(hits)
+    if not unique or unique[0].evidence < MIN_EVIDENCE:
+        return Reply(NOT_FOUND, True, unique)
+    return Reply(extractive_answer(question, unique), False, unique)
+
+
 def extractive_answer(question: str, hits: list[Hit]) -> str:
-    """The best passage, and the next ones only when they match the question as well: table
-    rows as they are, and from text the sentence sharing most terms with the question."""
-    wanted = set(terms(question))
-    parts: list[str] = []
-    best_overlap = len(wanted & set(terms(hits[0].text))) if hits else 0
-    for n, hit in enumerate(hits[:3], start=1):
-        if n > 1 and len(wanted & set(terms(hit.text))) < best_overlap:
-            continue  # only as good a match as the best one
-        if hit.row:
-            parts.append(", ".join(f"{h}: {v}" for h, v in hit.row.items()) + f" [{n}]")
-        elif hit.kind == "table":
-            lines = [line for line in hit.text.splitlines() if line.startswith("|") and "---" not in line]
-            best = max(lines[1:] or lines, key=lambda line: len(wanted & set(terms(line))))
-            parts.append(f"{lines[0]}\n{best} [{n}]" if lines[1:] else f"{best} [{n}]")
-        else:
-            body = hit.text.split("\n", 1)[-1]
-            sentences = split_sentences(body) or [body]
-            best = max(sentences, key=lambda s: len(wanted & set(terms(s))))
-            parts.append(f"{best} [{n}]")
-    return "\n".join(parts)
+    """From the best hit: for a row (or the best row of a table), the cell whose column the
+    question asks for, with its unit, row label and column, then the whole row; for text, the
+    sentence that answers."""
+    hit = hits[0]
+    row = hit.row
+    if row is None and hit.kind == "table":
+        row = _best_row(question, hit.text)
+    if row:
+        return _cell_answer(question, row, hit) + " [1]\n" + ", ".join(f"{h}: {v}" for h, v in row.items())
+    sentences = split_sentences(body(hit)) or [body(hit)]
+    # Words every sentence shares, or the chunk's context lines hold, do not tell sentences apart.
+    shared = grams(hit.text[: len(hit.text) - len(body(hit))])
+    counts = Counter(g for s in sentences for g in grams(s))
+    shared |= {g for g, n in counts.items() if len(sentences) > 2 and n > len(sentences) / 2}
+    wanted = grams(question) - shared
+    return max(sentences, key=lambda s: _sentence_score(question, wanted, s)) + " [1]"
+
+
+def _overlap(question: str, text: str) -> float:
+    wanted = grams(question)
+    return len(wanted & grams(text)) / max(1, len(wanted))
+
+
+def _cue_score(question: str, header: str, value: str) -> float:
+    score = 0.0
+    for ask, column, shape in CUES:
+        if ask.search(question):
+            score += 0.5 * bool(column.search(header)) + 0.5 * bool(shape.search(value))
+    return score
+
+
+def _header_score(question: str, header: str, value: str) -> float:
+    found = grams(header) & grams(question)
+    # A one-syllable part of a header ("여" of "인구(명) 여") matches a word starting with it ("여자").
+    single = [run for run in re.findall(r"[가-힣]+", header) if len(run) == 1]
+    starts = sum(1 for run in single if re.search(rf"(?<![가-힣]){run}", question))
+    return len(found) + starts + _cue_score(question, header, value)
+
+
+def _cell_answer(question: str, row: dict[str, str], hit: Hit) -> str:
+    items = list(row.items())
+    label_header, label = items[0]
+    cells = items[1:] or items
+    header, value = max(cells, key=lambda item: _header_score(question, item[0], item[1]))
+    units = _UNIT.findall(header) or re.findall(r"단위\s*[:：]\s*([^)]+)", hit.table_caption or "")
+    unit = f" ({units[0].strip()})" if units and not value.endswith(units[0].strip()) else ""
+    where = f"{label}, {header}" if (label_header, label) != (header, value) else header
+    return f"{value}{unit} — {where}"
+
+
+def _best_row(question: str, markdown: str) -> dict[str, str] | None:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    if len(lines) < 3:
+        return None
+    header = _cells(lines[0])
+    rows = [_cells(line) for line in lines[2:]]
+    best = max(rows, key=lambda cells: _overlap(question, " ".join(cells)))
+    return {h: v for h, v in zip(header, best, strict=False) if v}
+
+
+def _sentence_score(question: str, wanted: set[str], sentence: str) -> float:
+    return len(wanted & grams(sentence)) + sum(
+        1 for ask, _, shape in CUES if ask.search(question) and shape.search(sentence)
+    )
 
 
 def context_block(hits: list[Hit]) -> str:

@@ -191,8 +191,28 @@ def flatten_header(header_rows: list[list[str]]) -> list[str]:
     return names
 
 
+#: Page furniture and notes around content: source and contact lines, page numbers, revision
+#: stamps, breadcrumbs and copyright lines. Kept, but marked, so that retrieval demotes them.
+_BOILERPLATE = re.compile(
+    r"^\s*(?:[-=*_]{3,}\s*)?(?:"
+    r"[(<\[]?\s*(?:자료|출처|주|문의|비고|작성|담당|※)\s*[)>\]]?\s*[:：]"
+    r"|※|[-–—]\s*\d{1,4}\s*[-–—]$|\d{1,4}\s*/\s*\d{1,4}$|page\s+\d+"
+    r"|(?:최종\s*)?(?:수정일|개정일|발행일|작성일|등록일)\s*[:：]?\s*\d"
+    r"|copyright|©|all rights reserved|.*홈페이지\s*>"
+    r")",
+    re.IGNORECASE,
+)
+
+
+def is_boilerplate(text: str) -> bool:
+    """Footers, source lines, page numbers and the like (a short line that is not content)."""
+    return len(text) <= 160 and _BOILERPLATE.match(text) is not None
+
+
 def table_from_grid(grid: list[list[str]], header_rows: int, caption: str, budget: Budget) -> Table | None:
     grid = [row for row in grid if any(cell for cell in row)]
+    while len(grid) > 2 and sum(1 for c in grid[-1] if c) == 1 and is_boilerplate(next(c for c in grid[-1] if c)):
+        grid.pop()  # a source line under the table, in its last row
     if not grid:
         return None
     width = max(len(r) for r in grid)
@@ -224,7 +244,38 @@ def read_text(path: Path, budget: Budget) -> str:
 def paragraphs(text: str, location: dict[str, Any]) -> Iterable[Block]:
     for para in re.split(r"\n\s*\n", text):
         if para.strip():
-            yield Block("text", clean(para), location=dict(location))
+            yield text_block(clean(para), location)
+
+
+class Outline:
+    """The headings above the current point of a document, by level: the nearest one is the
+    ``section``, all of them from the top the ``path`` ('규정 > 제2장 대출')."""
+
+    def __init__(self) -> None:
+        self.levels: list[tuple[int, str]] = []
+
+    def enter(self, level: int, text: str) -> None:
+        self.levels = [(n, t) for n, t in self.levels if n < level] + [(level, text)]
+
+    @property
+    def section(self) -> str:
+        return self.levels[-1][1] if self.levels else ""
+
+    def location(self) -> dict[str, Any]:
+        if not self.levels:
+            return {}
+        where: dict[str, Any] = {"section": self.section}
+        if len(self.levels) > 1:
+            where["path"] = " > ".join(t for _, t in self.levels)
+        return where
+
+
+def text_block(text: str, location: dict[str, Any]) -> Block:
+    """A paragraph, marked ``furniture`` in its location when it is boilerplate."""
+    where = dict(location)
+    if is_boilerplate(text):
+        where["furniture"] = 1
+    return Block("text", text, location=where)
 
 
 # --- plain text, Markdown, CSV ---------------------------------------------------------
@@ -260,12 +311,12 @@ def _md_heading(line: str) -> str | None:
 def parse_markdown(path: Path, budget: Budget) -> list[Block]:
     lines = read_text(path, budget).splitlines()
     blocks = budget.blocks()
-    section = ""
+    outline = Outline()
     para: list[str] = []
 
     def flush() -> None:
         if para:
-            blocks.append(Block("text", clean(" ".join(para)), location={"section": section} if section else {}))
+            blocks.append(text_block(clean(" ".join(para)), outline.location()))
             para.clear()
 
     i = 0
@@ -274,7 +325,7 @@ def parse_markdown(path: Path, budget: Budget) -> list[Block]:
         heading = _md_heading(line)
         if heading is not None:
             flush()
-            section = heading
+            outline.enter(len(line) - len(line.lstrip("#")), heading)
         elif "|" in line and i + 1 < len(lines) and _MD_SEPARATOR.match(lines[i + 1]):
             flush()
             grid = [_md_cells(line)]
@@ -282,10 +333,10 @@ def parse_markdown(path: Path, budget: Budget) -> list[Block]:
             while i < len(lines) and "|" in lines[i] and lines[i].strip():
                 grid.append(_md_cells(lines[i]))
                 i += 1
-            caption = para_caption(blocks, section)
+            caption = para_caption(blocks, outline.section)
             table = table_from_grid(grid, 1, caption, budget)
             if table:
-                blocks.append(Block("table", table=table, location={"section": section} if section else {}))
+                blocks.append(Block("table", table=table, location=outline.location()))
             continue
         elif not line.strip():
             flush()
@@ -296,10 +347,17 @@ def parse_markdown(path: Path, budget: Budget) -> list[Block]:
     return blocks
 
 
+_CAPTION = re.compile(r"^\s*[<\[(]?\s*(?:표|table|tab\.)\s*[\d.\-]*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?:다|요|음|함|임|[:：])\s*[.!?]?\s*$")
+
+
 def para_caption(blocks: list[Block], section: str) -> str:
-    """A table's caption: the short paragraph right before it (e.g. '표 1. ...'), else the heading."""
-    if blocks and blocks[-1].kind == "text" and len(blocks[-1].text) <= 80:
-        return blocks[-1].text
+    """A table's caption: the paragraph right before it when it reads as one ('표 1. ...', or a
+    short title that is not a sentence), else the nearest heading."""
+    if blocks and blocks[-1].kind == "text" and "furniture" not in blocks[-1].location:
+        text = blocks[-1].text
+        if len(text) <= 80 and (_CAPTION.match(text) or (len(text) <= 50 and not _SENTENCE_END.search(text))):
+            return text
     return section
 
 
@@ -339,24 +397,24 @@ def parse_html(path: Path, budget: Budget) -> list[Block]:
         tag.decompose()
     root = soup.body or soup
     blocks = budget.blocks()
-    section = ""
+    outline = Outline()
     for element in root.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "table", "pre", "blockquote"]):
         if element.find_parent("table") is not None:
             continue  # text inside a table belongs to the table
         if element.name == "table":
             caption_tag = element.find("caption")
-            caption = clean(caption_tag.get_text(" ")) if caption_tag else para_caption(blocks, section)
+            caption = clean(caption_tag.get_text(" ")) if caption_tag else para_caption(blocks, outline.section)
             table = _html_table(element, caption, budget)
             if table:
-                blocks.append(Block("table", table=table, location={"section": section} if section else {}))
+                blocks.append(Block("table", table=table, location=outline.location()))
         elif element.name.startswith("h"):
-            section = clean(element.get_text(" "))
+            outline.enter(int(element.name[1]), clean(element.get_text(" ")))
         elif element.name == "li" and element.find_parent(["li"]) is not None:
             continue
         else:
             text = clean(element.get_text(" "))
             if text:
-                blocks.append(Block("text", text, location={"section": section} if section else {}))
+                blocks.append(text_block(text, outline.location()))
     return blocks
 
 
@@ -456,7 +514,7 @@ def parse_docx(path: Path, budget: Budget) -> list[Block]:
             raise ParseError("the document is encrypted (password-protected)") from exc
         raise
     blocks = budget.blocks()
-    section = ""
+    outline = Outline()
     for child in document.element.body.iterchildren():
         tag = child.tag.rsplit("}", 1)[-1]
         if tag == "p":
@@ -466,14 +524,15 @@ def parse_docx(path: Path, budget: Budget) -> list[Block]:
             if not text:
                 continue
             if style.lower().startswith(("heading", "title")):
-                section = text
+                level = re.search(r"\d+", style)
+                outline.enter(int(level.group()) if level and style.lower().startswith("heading") else 0, text)
             else:
-                blocks.append(Block("text", text, location={"section": section} if section else {}))
+                blocks.append(text_block(text, outline.location()))
         elif tag == "tbl":
             grid, header_rows = _docx_grid(DocxTable(child, document), budget)
-            table = table_from_grid(grid, header_rows, para_caption(blocks, section), budget)
+            table = table_from_grid(grid, header_rows, para_caption(blocks, outline.section), budget)
             if table:
-                blocks.append(Block("table", table=table, location={"section": section} if section else {}))
+                blocks.append(Block("table", table=table, location=outline.location()))
     return blocks
 
 
@@ -641,17 +700,21 @@ def parse_pdf(path: Path, budget: Budget) -> list[Block]:
         raise
     blocks = budget.blocks()
     section = ""
+    last: tuple[Block, list[float]] | None = None  # the previous page's last table, with its column edges
     with pdf:
         for number, page in enumerate(pdf.pages, start=1):
             _bounded_layout(page, number)
             items: list[tuple[float, Block]] = []
             found = page.find_tables()
             boxes = [t.bbox for t in found]
+            edges: dict[int, list[float]] = {}
             for t in found:
                 grid = [[clean(c) for c in row] for row in t.extract()]
                 table = table_from_grid(grid, 1, "", budget)
                 if table:
-                    items.append((t.bbox[1], Block("table", table=table, location={"page": number})))
+                    block = Block("table", table=table, location={"page": number})
+                    edges[id(block)] = [c[0] for c in t.rows[0].cells if c is not None] if t.rows else []
+                    items.append((t.bbox[1], block))
             words = [
                 w
                 for w in page.extract_words(keep_blank_chars=False, use_text_flow=True)
@@ -660,6 +723,11 @@ def parse_pdf(path: Path, budget: Budget) -> list[Block]:
             for top, block in _pdf_text_and_stream_tables(words, number, budget):
                 items.append((top, block))
             items.sort(key=lambda item: item[0])
+            content = [block for _, block in items if "furniture" not in block.location]
+            if last is not None and content and content[0].table is not None:
+                if _continues(last, content[0].table, edges.get(id(content[0]), [])):
+                    _append_rows(last[0], content[0].table, budget)
+                    items = [item for item in items if item[1] is not content[0]]
             for _, block in items:
                 if block.kind == "table" and block.table is not None:
                     block.table.caption = para_caption(blocks, section)
@@ -669,7 +737,28 @@ def parse_pdf(path: Path, budget: Budget) -> list[Block]:
                 if section:
                     block.location["section"] = section
                 blocks.append(block)
+            tail = [block for _, block in items if "furniture" not in block.location]
+            last = (tail[-1], edges[id(tail[-1])]) if tail and id(tail[-1]) in edges else None
     return blocks
+
+
+def _continues(last: tuple[Block, list[float]], table: Table, edges: list[float]) -> bool:
+    """Whether a table opening a page continues the table that closed the previous one: as many
+    columns, starting at the same places (within 3 points)."""
+    previous, previous_edges = last
+    if previous.table is None or len(previous.table.header) != len(table.header) or len(edges) != len(previous_edges):
+        return False
+    return all(abs(a - b) <= 3 for a, b in zip(edges, previous_edges, strict=True))
+
+
+def _append_rows(block: Block, table: Table, budget: Budget) -> None:
+    """The rows of a continuation under the first page's header; its first row is a row, unless it
+    repeats the header."""
+    assert block.table is not None, "a continued table must be a table; this is a bug"
+    rows = table.rows if table.header == block.table.header else [table.header, *table.rows]
+    budget.take(sum(len(c) + 1 for row in rows for c in row))
+    budget.cells(len(block.table.header) * (len(block.table.rows) + len(rows) + 1))
+    block.table.rows.extend(rows)
 
 
 def _bounded_layout(page: Any, number: int) -> None:
@@ -769,7 +858,7 @@ def _pdf_text_and_stream_tables(words: list[dict[str, Any]], page: int, budget: 
 
     def flush() -> None:
         if para:
-            out.append((para_top, Block("text", clean(" ".join(para)), location={"page": page})))
+            out.append((para_top, text_block(clean(" ".join(para)), {"page": page})))
             para.clear()
 
     while i < len(lines):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tablerag.chunking import DEFAULT_BUDGET, TokenCounter, chunk_blocks, terms
+from tablerag.chunking import CHUNKER_VERSION, DEFAULT_BUDGET, TokenCounter, chunk_blocks, terms
 from tablerag.documents import ParseError
 from tablerag.limits import IngestLimits
 from tablerag.retrieval import prompt_for
@@ -85,6 +85,7 @@ class Ingestor:
         self.count = TokenCounter(info.get("model_path"))
         self.budget = min(DEFAULT_BUDGET, int(info.get("max_seq_length") or DEFAULT_BUDGET)) - 2
         self._passage_prompt = prompt_for(model, "passage")
+        self._stale = False
 
     def check_model(self) -> None:
         self.store.check_model(self.model_name, self.dimension)
@@ -109,6 +110,10 @@ class Ingestor:
         self.check_model()
         files = discover(paths)
         report = IngestReport()
+        # Chunks made by an older chunker are made again, even from unchanged files.
+        if self.store.setting("chunker") != CHUNKER_VERSION and not self.store.documents():
+            self.store.set_setting("chunker", CHUNKER_VERSION)  # a new store
+        self._stale = self.store.setting("chunker") != CHUNKER_VERSION
         started = time.perf_counter()
         bar = tqdm(total=len(files), unit="file", desc="ingest", disable=not progress)
         with ParseBox(self.limits) as box, bar:
@@ -120,6 +125,10 @@ class Ingestor:
                 bar.update(1)
             report.parse_peak_rss = box.peak_rss
         report.seconds = time.perf_counter() - started
+        if not report.failed and self.store.setting("chunker") != CHUNKER_VERSION:
+            if self._stale:
+                log.warning("chunks of files not named in this run keep the old chunker's form: ingest them again")
+            self.store.set_setting("chunker", CHUNKER_VERSION)
         return report
 
     def _one(self, path: Path, report: IngestReport, box: ParseBox) -> dict[str, Any]:
@@ -129,7 +138,7 @@ class Ingestor:
                 raise ParseError("no such file")
             digest = sha256(path)
             previous = self.store.document_hash(key)
-            if previous == digest:
+            if previous == digest and not self._stale:
                 report.unchanged.append(key)
                 return {"status": "unchanged", "chunks": 0}
             blocks = box.parse(path)
@@ -137,7 +146,7 @@ class Ingestor:
             report.failed.append((key, str(exc)))
             log.info("%s: %s", path, exc)
             return {"status": "failed", "error": str(exc)}
-        chunks = chunk_blocks(blocks, self.count, self.budget)
+        chunks = chunk_blocks(blocks, self.count, self.budget, name=path.name)
         vectors = self.embed([c.text for c in chunks])
         tables = [(b.table, b.location) for b in blocks if b.kind == "table" and b.table is not None]
         doc = DocumentInput(key, digest, path.stat().st_size, tables, chunks, [terms(c.text) for c in chunks], vectors)

@@ -106,6 +106,8 @@ class Question:
     question: str
     file: str
     contains: tuple[str, ...]  # every string the answering chunk holds
+    answer: str = ""  # the value an answer must contain ("" when none is expected)
+    kind: str = "direct"  # what makes it hard (``tablerag.collection.KINDS``)
 
 
 def _q(question: str, file: str, *contains: str) -> Question:

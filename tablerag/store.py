@@ -83,6 +83,7 @@ class Hit:
     row: dict[str, str] | None
     table_caption: str | None
     table_markdown: str | None
+    evidence: float = 1.0  # share of the question's distinctive words found in the chunk, year-checked
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -160,6 +161,14 @@ class Store:
 
     def _bump(self) -> None:
         self._set_meta("generation", str(self.generation() + 1))
+
+    def setting(self, key: str) -> str | None:
+        """A value recorded in the store's metadata (e.g. ``chunker``), or None."""
+        return self._meta(key)
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.transaction():
+            self._set_meta(key, value)
 
     def generation(self) -> int:
         return int(self._meta("generation") or 0)
@@ -258,6 +267,7 @@ class Store:
             "documents": int(self._execute("SELECT COUNT(*) FROM documents").fetchone()[0]),
             "tables": int(self._execute("SELECT COUNT(*) FROM tables").fetchone()[0]),
             "chunks": sum(by_kind.values()),
+            "chunker": self._meta("chunker") or "1",
             "chunks_by_kind": by_kind,
         }
 

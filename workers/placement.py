@@ -49,12 +49,19 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MADV_DONTNEED = 4
 
 
-def _drop_pages(address: int, nbytes: int) -> None:
+def drop_pages(address: int, nbytes: int) -> None:
     """Release the resident pages of an unmodified private file mapping (they re-read on use)."""
     lo = (address + _PAGE - 1) // _PAGE * _PAGE
     hi = (address + nbytes) // _PAGE * _PAGE
     if hi > lo:
         ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def file_mapped(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (address, bytes) ranges that lie in a mapping of a regular file (their pages can be
+    dropped and are read again from the file on use)."""
+    mappings = _Mappings.read()
+    return [(address, nbytes) for address, nbytes in ranges if classify(mappings.path_of(address)) == "file"]
 
 
 def place_weights(model: Any, placement: str) -> dict[str, int]:
@@ -88,7 +95,7 @@ def place_weights(model: Any, placement: str) -> dict[str, int]:
             target = torch.UntypedStorage._new_shared(nbytes)
             target.copy_(source)
             if kind == "file":
-                _drop_pages(address, nbytes)
+                drop_pages(address, nbytes)
             moved[address] = target
             placed["shm"] += nbytes
         view = torch.empty(0, dtype=tensor.dtype).set_(target, tensor.storage_offset(), tensor.size(), tensor.stride())

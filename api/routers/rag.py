@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.schemas import ChatRequest, SearchRequest
 from api.state import AppState, AppStateDep
 from shm_model import errors
-from tablerag.answers import citations, extractive_answer, llm_answer
+from tablerag.answers import citations, llm_answer, respond
 
 router = APIRouter()
 
@@ -35,30 +35,33 @@ def answer(api: AppState, body: ChatRequest) -> JSONResponse | StreamingResponse
     settings = api.settings
     finder = api.retriever()
     finder.check_model()
-    hits = finder.search(body.question, k=body.k, mode=body.mode)
-    sources, truncated = citations(hits)
-    hits = hits[: len(sources)]
-    generated = bool(settings.chat_base) and bool(hits)
-    if not hits:
-        pieces: Iterator[str] = iter(["관련 문서를 찾지 못했습니다. (No matching passages in the documents.)"])
-    elif generated:
-        pieces = llm_answer(settings.chat_endpoint(), body.question, hits)
+    reply = respond(body.question, finder.search(body.question, k=body.k, mode=body.mode))
+    sources, truncated = citations(reply.hits)
+    hits = reply.hits[: len(sources)]
+    generated = bool(settings.chat_base) and not reply.declined
+    if generated:
+        pieces: Iterator[str] = llm_answer(settings.chat_endpoint(), body.question, hits)
     else:
-        pieces = iter([extractive_answer(body.question, hits)])
+        pieces = iter([reply.text])
     kind = "generated" if generated else "extracted"
+    declined = reply.declined
     if not body.stream:
         return JSONResponse(
             {
                 "question": body.question,
                 "answer": "".join(pieces),
                 "answer_type": kind,
+                "declined": declined,
                 "sources": sources,
                 "truncated": truncated,
             }
         )
 
     def events() -> Iterator[str]:
-        head = json.dumps({"answer_type": kind, "sources": sources, "truncated": truncated}, ensure_ascii=False)
+        head = json.dumps(
+            {"answer_type": kind, "declined": declined, "sources": sources, "truncated": truncated},
+            ensure_ascii=False,
+        )
         yield f"event: sources\ndata: {head}\n\n"
         try:
             for piece in pieces:

@@ -62,7 +62,10 @@ def test_docx_tables_stay_in_place(corpus: Path) -> None:
     order = texts(corpus / samples.DOCX)
     assert order.index("<table 이용자 구분>") < next(i for i, t in enumerate(order) if t.startswith("제4조"))
     assert order.index("<table 연체 기간>") < next(i for i, t in enumerate(order) if t.startswith("제5조"))
-    assert parse(corpus / samples.DOCX)[0].location == {"section": "제1장 총칙"}
+    assert parse(corpus / samples.DOCX)[0].location == {
+        "section": "제1장 총칙",
+        "path": "도서관 이용 규정 > 제1장 총칙",
+    }
 
 
 def test_html_spanning_headers_are_flattened(corpus: Path) -> None:
@@ -74,7 +77,7 @@ def test_html_spanning_headers_are_flattened(corpus: Path) -> None:
 def test_markdown_csv_xlsx_and_text(corpus: Path) -> None:
     (parking,) = tables(corpus / samples.MD)
     assert [parking.header, *parking.rows] == samples.PARKING and parking.caption == "표 4. 차종별 주차 요금"
-    assert parse(corpus / samples.MD)[-1].location == {"section": "감면"}
+    assert parse(corpus / samples.MD)[-1].location == {"section": "감면", "path": "공영주차장 요금 안내 > 감면"}
     (power,) = tables(corpus / samples.CSV)  # written with a BOM (utf-8-sig)
     assert [power.header, *power.rows] == samples.ELECTRICITY
     blocks = parse(corpus / samples.XLSX)
@@ -116,11 +119,11 @@ def test_bad_files_get_one_clear_reason(tmp_path: Path, corpus: Path) -> None:
 
 def test_each_table_row_is_a_chunk_that_stands_alone(corpus: Path) -> None:
     count = TokenCounter(None)
-    chunks = chunk_blocks(parse(corpus / samples.HTML), count, budget=256)
+    chunks = chunk_blocks(parse(corpus / samples.HTML), count, budget=256, name=samples.HTML)
     rows = [c for c in chunks if c.kind == "row"]
     assert len(rows) == len(samples.POPULATION)
-    seoul = rows[0]
-    assert seoul.text.startswith("표 3. 시도별 인구와 면적\n")
+    seoul = rows[0]  # the document's name and title, where in it, then the cells
+    assert seoul.text.startswith("시도별 인구 및 면적\n표 3. 시도별 인구와 면적\n")
     assert "시도: 서울특별시, 인구(만 명) 2021년: 951, 인구(만 명) 2022년: 943, 인구(만 명) 2023년: 940" in seoul.text
     assert seoul.row == {"시도": "서울특별시", "인구(만 명) 2021년": "951", "인구(만 명) 2022년": "943",
                          "인구(만 명) 2023년": "940", "면적(km²)": "605"}  # fmt: skip
@@ -131,10 +134,11 @@ def test_each_table_row_is_a_chunk_that_stands_alone(corpus: Path) -> None:
 def test_text_chunks_respect_the_token_budget(corpus: Path) -> None:
     count = TokenCounter(None)
     blocks = parse(corpus / samples.TXT)
-    chunks = chunk_blocks(blocks, count, budget=60)
+    chunks = chunk_blocks(blocks, count, budget=60, name=samples.TXT)
     assert len(chunks) > 3 and all(count(c.text) <= 60 for c in chunks)
-    joined = " ".join(c.text for c in chunks)
+    joined = " ".join(c.text.rsplit("\n", 1)[-1] for c in chunks)  # each without its context lines
     assert all(b.text.split(".")[0] in joined for b in blocks)  # nothing dropped
+    assert all(c.text.startswith("민원 처리 규정\n") for c in chunks)  # the title, once
 
 
 def test_token_counter_uses_the_models_tokenizer() -> None:
