@@ -17,7 +17,7 @@ import torch  # loads both once for every mutant
 from config.model_config import MULTILINGUAL_ALIAS, HostConfig, ModelConfig
 from shm_model.errors import BadRequest, ConfigError, ModelLoadError
 from shm_model.scheduling import estimate_tokens
-from workers import backends, model_source, placement
+from workers import backends, model_source
 from workers.backends import Backend, DummyBackend, load_backend
 from workers.model_source import ModelSource, resolve_device, resolve_model
 from workers.placement import _Mappings, classify, place_weights
@@ -254,22 +254,6 @@ def test_place_weights_keeps_file_mapped_tensors_under_auto(tmp_path: Path) -> N
     assert torch.equal(moved.b, torch.ones(2048))
 
 
-def test_drop_pages_releases_only_whole_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int, int]] = []
-
-    class Libc:
-        def madvise(self, address: Any, length: Any, advice: int) -> int:
-            calls.append((address.value, length.value, advice))
-            return 0
-
-    monkeypatch.setattr(placement.ctypes, "CDLL", lambda *a, **k: Libc())
-    page = placement._PAGE
-    placement._drop_pages(page * 10 + 1, page * 3)  # covers pages 11 and 12 wholly
-    placement._drop_pages(page * 10, page)  # exactly one page
-    placement._drop_pages(page * 10 + 1, page)  # no whole page: nothing
-    assert calls == [(page * 11, page * 2, 4), (page * 10, page, 4)]
-
-
 # --- backends ------------------------------------------------------------------------------
 
 
@@ -297,6 +281,7 @@ def test_a_backend_describes_itself() -> None:
         "dimension": 8,
         "max_seq_length": 64,
         "device": "cpu",
+        "dtype": "float32",
         "prompts": {"query": "q: "},
         "weight_bytes": 100,
         "weights": {"file": 1},

@@ -308,6 +308,7 @@ def test_info_names_the_model_and_this_process() -> None:
                 "dimension": 8,
                 "max_seq_length": 64,
                 "device": "cpu",
+                "dtype": None,
                 "prompts": None,
             }
         ],
