@@ -1,0 +1,661 @@
+"""ModelManager in process: routing by SHM_MODEL_MODE, fallback, the local path's encode, statuses,
+metrics and starting a host on demand, against a scripted host and a small fake local backend."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from config.model_config import HostConfig, ManagerConfig, ModelConfig
+from shm_model import manager as manager_module
+from shm_model import metrics
+from shm_model.errors import (
+    BadRequest,
+    HostUnavailable,
+    ModelLoadError,
+    PayloadTooLarge,
+    PermissionDenied,
+    RequestTimeout,
+)
+from shm_model.manager import (
+    HOST_PROBE_TIMEOUT,
+    ManagedModel,
+    ModelManager,
+    ModelStatus,
+    _is_cuda_oom,
+    _open_private,
+    get_model_with_fallback,
+)
+from shm_model.protocol import error_reply, result_reply
+from tests.conftest import poll
+from tests.unit.fakehost import FakeHost, default_respond
+
+HOST_STATUS: dict[str, Any] = {
+    "model": "dummy",
+    "device": "cpu",
+    "dimension": 3,
+    "pid": 4242,
+    "load_seconds": 1.5,
+    "in_flight": 2,
+    "memory": {"rss": 30 * 2**20, "pss": 20 * 2**20 + 5, "uss": 10 * 2**20},
+    "workers": [{"pid": 1}, {"pid": 2}],
+    "queue": {
+        "interactive": {"requests": 3, "wait_ms": {"p50": 2.0, "p99": None}},
+        "bulk": {"requests": 1},
+    },
+}
+
+
+def host_respond(header: dict[str, Any]) -> bytes | None:
+    if header["op"] == "status":
+        return result_reply(header["id"], HOST_STATUS)
+    if header["op"] == "reload":
+        return result_reply(header["id"], {"model": "dummy", "generation": 2})
+    return default_respond(header)
+
+
+class LocalModel:
+    """What the manager uses of a SentenceTransformer: encode, and any other attribute."""
+
+    max_seq_length = 8
+    calls: list[tuple[Any, dict[str, Any]]]
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def encode(self, sentences: Any, **kwargs: Any) -> Any:
+        self.calls.append((sentences, kwargs))
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        out = np.array([[len(t), 1.0, 2.0, 3.0] for t in texts], dtype=np.float32).reshape(len(texts), 4)
+        if kwargs.get("truncate_dim"):
+            out = out[:, : kwargs["truncate_dim"]]
+        return out[0] if isinstance(sentences, str) else out
+
+
+class LocalBackend:
+    def __init__(self, device: str = "cpu") -> None:
+        self.model = LocalModel()
+        self.dimension = 4
+        self.max_seq_length = 8
+        self.prompts = {"query": "q "}
+        self.load_seconds = 0.25
+        self.device = device
+        self.token_calls: list[tuple[list[str], str | None]] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "local", "dimension": self.dimension}
+
+    def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
+        self.token_calls.append((texts, prompt))
+        return [len((prompt or "") + t) for t in texts]
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+def make(run_dir: Path) -> Iterator[Callable[..., ModelManager]]:
+    made: list[ModelManager] = []
+
+    def build(
+        mode: str = "auto", *, socket: str | None = None, autostart: bool = False, **backend: Any
+    ) -> ModelManager:
+        host_cfg = HostConfig.load(
+            {"SHM_MODEL_SOCKET": socket or str(run_dir / "host.sock"), "SHM_MODEL_BACKEND": "dummy"}
+        )
+        m = ModelManager(
+            ModelConfig(name="local-model"), ManagerConfig(mode=mode, autostart=autostart, load_timeout=5.0), host_cfg
+        )
+        m._make_backend = lambda cfg: LocalBackend(**backend)
+        made.append(m)
+        return m
+
+    yield build
+    for m in made:
+        m.close()
+
+
+@pytest.fixture
+def host(start: Callable[..., FakeHost]) -> FakeHost:
+    return start(host_respond)
+
+
+# --- routing ------------------------------------------------------------------------------
+
+
+def test_shared_mode_encodes_on_the_host(make: Callable[..., ModelManager], host: FakeHost) -> None:
+    m = make("shared")
+    before = sample("shm_model_requests_total", {"op": "encode", "path": "shared"})
+    model = m.get_model()
+    assert isinstance(model, ManagedModel) and model.path == "shared"
+    assert model.encode(["ab", "c"]).shape == (2, 3)
+    assert model.get_sentence_embedding_dimension() == 3
+    assert model.get_embedding_dimension() == 3
+    assert model.describe()["dimension"] == 3
+    assert sample("shm_model_requests_total", {"op": "encode", "path": "shared"}) == before + 1
+    assert sample("shm_model_request_seconds_count", {"op": "encode", "path": "shared"}) > 0
+    assert m._local is None and m.is_model_loaded()
+    assert [h["op"] for h in host.headers][:2] == ["ping", "encode"]
+    assert host.headers[0]["timeout_ms"] <= HOST_PROBE_TIMEOUT * 1000
+    with pytest.raises(AttributeError) as info:
+        model.tokenizer  # noqa: B018
+    assert str(info.value) == "ManagedModel has no attribute 'tokenizer' (served: shared)"
+
+
+def test_shared_mode_without_a_host_is_an_error(make: Callable[..., ModelManager]) -> None:
+    m = make("shared")
+    errors_before = sample("shm_model_errors_total", {"type": "host_unavailable"})
+    with pytest.raises(HostUnavailable):
+        m.get_model()
+    with pytest.raises(HostUnavailable):
+        m._model.encode(["a"])
+    assert sample("shm_model_errors_total", {"type": "host_unavailable"}) == errors_before + 1
+    assert not m.is_model_loaded()
+    assert m._local is None
+
+
+def test_local_mode_loads_once_and_encodes_in_process(make: Callable[..., ModelManager], host: FakeHost) -> None:
+    m = make("local")
+    model = m.get_model()
+    assert model.path == "none"
+    assert model.encode("abc").tolist() == [3.0, 1.0, 2.0, 3.0]
+    assert model.path == "local"
+    assert model.get_sentence_embedding_dimension() == 4
+    assert model.describe() == {"model": "local", "dimension": 4}
+    assert model.max_seq_length == 8  # other attributes come from the local SentenceTransformer
+    assert m.local_model() is m._local.model
+    assert m.is_model_loaded()
+    assert host.headers == []  # local mode never asks the host
+
+
+def test_auto_mode_falls_back_when_the_host_goes_away(make: Callable[..., ModelManager], host: FakeHost) -> None:
+    m = make("auto")
+    assert m.get_model().encode(["a"]).shape == (1, 3)
+    assert m._model.path == "shared"
+    host.close()
+    os.unlink(host.path)
+    fallbacks = sample("shm_model_fallbacks_total")
+    assert m._model.encode(["abcd"]).tolist() == [[4.0, 1.0, 2.0, 3.0]]
+    assert m._model.path == "local"
+    assert sample("shm_model_fallbacks_total") == fallbacks + 1
+    assert m.is_model_loaded()
+
+
+def test_auto_mode_without_a_host_loads_locally(make: Callable[..., ModelManager]) -> None:
+    m = make("auto")
+    assert not m.is_model_loaded()
+    m.get_model()
+    assert m._local is not None and m.is_model_loaded()
+
+
+def test_other_errors_of_the_host_are_not_a_fallback(
+    make: Callable[..., ModelManager], start: Callable[..., FakeHost]
+) -> None:
+    def respond(header: dict[str, Any]) -> bytes:
+        if header["op"] == "encode":
+            return error_reply(header["id"], BadRequest("no"))
+        return host_respond(header)  # type: ignore[return-value]
+
+    start(respond)
+    m = make("auto")
+    with pytest.raises(BadRequest):
+        m.get_model().encode(["a"])
+    assert m._local is None
+
+
+# --- the local path's encode ------------------------------------------------------------------
+
+
+def test_local_encode_takes_the_host_s_arguments(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    model = m.get_model()
+    backend = m._local
+    model.encode(["ab"], timeout=3, priority="bulk", normalize_embeddings=True)
+    assert backend.model.calls[-1] == (["ab"], {"normalize_embeddings": True})
+    model.encode(sentences=["ab"])
+    assert backend.model.calls[-1] == (["ab"], {})
+    assert backend.token_calls == []  # tokens are counted only when asked for
+    vectors, tokens = model.encode(["abc", "x" * 20], return_usage=True)
+    assert vectors.shape == (2, 4) and tokens == 3 + 8  # each text counts at most max_seq_length
+    vectors, tokens = model.encode("abc", return_usage=True, prompt_name="query")
+    assert vectors.shape == (4,) and tokens == 5
+    assert backend.token_calls[-1] == (["abc"], "q ")
+    _, tokens = model.encode(["abc"], return_usage=True, prompt="p: ", prompt_name="query")
+    assert tokens == 6 and backend.token_calls[-1] == (["abc"], "p: ")
+    _, tokens = model.encode(["abc"], return_usage=True, prompt_name="nope")
+    assert backend.token_calls[-1] == (["abc"], None)
+    assert model.encode(["12345678"], truncate=False).shape == (1, 4)  # exactly the limit is fine
+    with pytest.raises(PayloadTooLarge) as info:
+        model.encode(["ok", "123456789", "1234567890"], truncate=False)
+    assert info.value.details == {"index": 1, "tokens": 9, "limit": 8}
+    assert model.encode([], return_usage=True)[1] == 0
+    assert backend.token_calls[-1] != ([], None)  # nothing to count for no text
+
+
+def test_local_encode_checks_truncate_dim_and_shapes_an_empty_input_like_the_host(
+    make: Callable[..., ModelManager],
+) -> None:
+    m = make("local")
+    model = m.get_model()
+    for bad in (0, 5):
+        with pytest.raises(BadRequest) as info:
+            model.encode(["a"], truncate_dim=bad)
+        assert str(info.value) == f"truncate_dim={bad} is not between 1 and the model's dimension 4"
+        assert info.value.details == {"truncate_dim": bad, "dimension": 4}
+    assert model.encode(["a"], truncate_dim=1).shape == (1, 1)
+    assert model.encode(["a"], truncate_dim=4).shape == (1, 4)
+    empty = model.encode([])
+    assert empty.shape == (0, 4) and empty.dtype == np.float32
+    assert model.encode((), truncate_dim=2).shape == (0, 2)
+    calls = len(m._local.model.calls)
+    model.encode([], convert_to_tensor=True)
+    model.encode([], convert_to_numpy=False)
+    assert len(m._local.model.calls) == calls + 2  # other empty outputs are the model's own
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_concurrent_callers_wait_for_one_load(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    gate = threading.Event()
+    loads: list[int] = []
+
+    def slow(cfg: ModelConfig) -> LocalBackend:
+        loads.append(1)
+        gate.wait(10)
+        return LocalBackend()
+
+    m._make_backend = slow
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(m._ensure_local())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    poll(lambda: m._load is not None, 10, what="the load to start")
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert loads == [1]
+    assert len(results) == 3 and all(r is results[0] for r in results)
+    assert m._load is None
+
+
+def test_a_failed_load_is_raised_and_remembered(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    m._make_backend = lambda cfg: (_ for _ in ()).throw(ModelLoadError("model 'x' not found", tried=1))
+    with pytest.raises(ModelLoadError):
+        m._ensure_local()
+    assert m.get_status().error_message == "model 'x' not found"
+    assert m._load is None
+
+
+def test_a_waiter_gets_the_error_of_the_load_it_waited_for(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    load = manager_module._Load()
+    load.error = ModelLoadError("model 'x' not found", tried=1)
+    load.done.set()
+    m._load = load  # another thread's load, finished with an error
+    with pytest.raises(ModelLoadError) as info:
+        m._ensure_local()
+    assert info.value is not load.error  # a copy for this thread
+    assert (str(info.value), info.value.details) == ("model 'x' not found", {"tried": 1})
+
+
+def test_a_waiter_gives_up_at_the_load_timeout(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    m.config = ManagerConfig(mode="local", load_timeout=0.1)
+    m._load = manager_module._Load()  # another thread's load that never ends
+    with pytest.raises(RequestTimeout) as info:
+        m._ensure_local()
+    assert str(info.value) == "waited 0.1s for the model load another thread started"
+    assert info.value.details == {"timeout": 0.1}
+
+
+def test_a_load_error_that_is_not_typed_becomes_model_load_error(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+
+    def broken(cfg: ModelConfig) -> LocalBackend:
+        raise RuntimeError("bad weights")
+
+    m._make_backend = broken
+    with pytest.raises(ModelLoadError) as info:
+        m._ensure_local()
+    assert str(info.value) == "model 'local-model' failed to load: RuntimeError: bad weights"
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    devices: list[str] = []
+
+    def oom_on_cuda(cfg: ModelConfig) -> LocalBackend:
+        devices.append(cfg.device)
+        if cfg.device != "cpu":
+            raise ModelLoadError("failed") from RuntimeError("CUDA out of memory. Tried to allocate")
+        return LocalBackend(device="cpu")
+
+    m._make_backend = oom_on_cuda
+    assert m._ensure_local().device == "cpu"
+    assert devices == ["auto", "cpu"]
+    m2 = make("local")
+    m2.model_config = ModelConfig(name="x", device="cuda")
+    m2._make_backend = oom_on_cuda
+    with pytest.raises(ModelLoadError):
+        m2._ensure_local()
+    m3 = make("local")
+    m3._make_backend = lambda cfg: (_ for _ in ()).throw(ModelLoadError("other"))
+    with pytest.raises(ModelLoadError) as info:
+        m3._ensure_local()
+    assert str(info.value) == "other"
+
+
+def test_cuda_oom_is_found_in_the_cause_chain() -> None:
+    class OutOfMemoryError(Exception):
+        pass
+
+    assert _is_cuda_oom(OutOfMemoryError("x"))
+    assert _is_cuda_oom(RuntimeError("CUDA out of memory."))
+    wrapped = ModelLoadError("failed")
+    wrapped.__cause__ = ValueError("y")
+    wrapped.__cause__.__cause__ = OutOfMemoryError("z")
+    assert _is_cuda_oom(wrapped)
+    assert not _is_cuda_oom(ModelLoadError("failed"))
+    assert not _is_cuda_oom(RuntimeError("out of memory"))
+
+
+def test_local_model_loads_on_first_use(make: Callable[..., ModelManager]) -> None:
+    m = make("shared")
+    assert m.local_model() is m._local.model
+    assert sample("shm_model_load_seconds", {"path": "local"}) == 0.25
+
+
+# --- reload and status ---------------------------------------------------------------------------
+
+
+def test_reload_goes_to_the_host_or_reloads_locally(make: Callable[..., ModelManager], host: FakeHost) -> None:
+    m = make("auto")
+    assert m.reload_model() is True
+    assert host.headers[-1]["op"] == "reload"
+    assert 590_000 < host.headers[-1]["timeout_ms"] <= 600_000
+    local = make("local")
+    assert local.reload_model() is True
+    first = local._local
+    assert local.reload_model() is True and local._local is not first
+    assert local.get_status().error_message is None
+
+
+def test_a_failed_reload_keeps_the_model_and_says_why(make: Callable[..., ModelManager]) -> None:
+    m = make("shared")
+    before = sample("shm_model_errors_total", {"type": "host_unavailable"})
+    assert m.reload_model() is False
+    assert m.get_status().error_message == f"no model host answers on {m._client.socket_path}"
+    assert sample("shm_model_errors_total", {"type": "host_unavailable"}) == before + 1
+    local = make("local")
+    local.get_model()
+    kept = local._local
+    local._make_backend = lambda cfg: (_ for _ in ()).throw(ModelLoadError("gone"))
+    assert local.reload_model() is False
+    assert local._local is kept
+    status = local.get_status()
+    assert status.is_loaded and status.error_message == "gone"
+    local._make_backend = lambda cfg: LocalBackend()
+    assert local.reload_model() is True and local.get_status().error_message is None
+
+
+def test_the_host_s_status_and_its_gauges(make: Callable[..., ModelManager], host: FakeHost) -> None:
+    m = make("shared")
+    status = m.get_status()
+    assert status == ModelStatus(
+        is_loaded=True,
+        model_name="dummy",
+        load_time=1.5,
+        memory_usage=20,
+        device="cpu",
+        error_message=None,
+        mode="shared",
+        worker_count=2,
+        host_pid=4242,
+        dimension=3,
+    )
+    assert status.to_dict()["host_pid"] == 4242
+    assert sample("shm_model_memory_bytes", {"scope": "host", "kind": "pss"}) == 20 * 2**20 + 5
+    assert sample("shm_model_memory_bytes", {"scope": "host", "kind": "uss"}) == 10 * 2**20
+    assert sample("shm_model_host_workers") == 2
+    assert sample("shm_model_host_queue_depth") == 2
+    assert sample("shm_model_host_queue_waiting", {"priority": "interactive"}) == 3
+    assert sample("shm_model_host_queue_wait_seconds", {"priority": "interactive", "quantile": "0.5"}) == 0.002
+    assert sample("shm_model_load_seconds", {"path": "shared"}) == 1.5
+    assert host.headers[-1]["op"] == "status" and host.headers[-1]["timeout_ms"] <= 2000
+    assert m.host_status() == HOST_STATUS
+    assert make("local").host_status() is None
+
+
+def test_a_bare_host_status(make: Callable[..., ModelManager], start: Callable[..., FakeHost]) -> None:
+    start(lambda h: result_reply(h["id"], {}))
+    status = make("shared").get_status()
+    assert (status.is_loaded, status.model_name, status.load_time, status.memory_usage) == (True, "None", 0.0, 0)
+    assert (status.device, status.worker_count, status.host_pid, status.dimension) == ("None", 0, None, None)
+    assert sample("shm_model_memory_bytes", {"scope": "host", "kind": "rss"}) == 0
+    assert sample("shm_model_load_seconds", {"path": "shared"}) == 0.0
+
+
+def test_statuses_without_a_host(make: Callable[..., ModelManager], monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = make("shared")
+    status = shared.get_status()
+    assert status == ModelStatus(
+        is_loaded=False,
+        model_name="local-model",
+        load_time=0.0,
+        memory_usage=0,
+        device="auto",
+        error_message=status.error_message,
+    )
+    assert status.error_message.startswith("no host is serving")
+    assert shared.host_status() is None
+    auto = make("auto")
+    assert auto.get_status().error_message.startswith("no host is serving")
+    auto.get_model()
+    monkeypatch.setattr(manager_module, "process_memory", lambda pid: {"rss": 3 * 2**20, "pss": 2**21, "uss": 2**20})
+    local = auto.get_status()
+    assert local == ModelStatus(
+        is_loaded=True,
+        model_name="local-model",
+        load_time=0.25,
+        memory_usage=2,
+        device="cpu",
+        error_message=None,
+        mode="local",
+        dimension=4,
+    )
+    assert sample("shm_model_memory_bytes", {"scope": "process", "kind": "rss"}) == 3 * 2**20
+    monkeypatch.setattr(manager_module, "process_memory", lambda pid: None)
+    assert auto.get_status().memory_usage == 0
+    never = make("local")
+    assert never.get_status() == ModelStatus(False, "local-model", 0.0, 0, "auto", None)
+
+
+# --- the singleton ------------------------------------------------------------------------------------
+
+
+def test_the_singleton_and_the_seed_helpers(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
+    monkeypatch.setenv("SHM_MODEL_SOCKET", str(run_dir / "none.sock"))
+    monkeypatch.setenv("SHM_MODEL_MODE", "shared")
+    ModelManager.reset_instance()
+    try:
+        first = ModelManager.get_instance()
+        assert ModelManager.get_instance() is first
+        assert first.config.mode == "shared"
+        first._make_backend = lambda cfg: LocalBackend()
+        with pytest.raises(HostUnavailable):
+            ModelManager.get_model()  # on the class: the singleton's
+        fallbacks = sample("shm_model_fallbacks_total")
+        assert get_model_with_fallback() is first._local.model
+        assert sample("shm_model_fallbacks_total") == fallbacks + 1
+        closed: list[int] = []
+        monkeypatch.setattr(first._client, "close", lambda: closed.append(1))
+        ModelManager.reset_instance()
+        assert closed == [1]
+        assert ModelManager._instance is None
+        ModelManager.reset_instance()  # none to forget: nothing happens
+        assert ModelManager.get_instance() is not first
+    finally:
+        ModelManager.reset_instance()
+
+
+# --- starting a host ------------------------------------------------------------------------------------
+
+
+class FakePopen:
+    """Stands for ``shm-model serve``: starts a scripted host on the socket, or exits."""
+
+    started: ClassVar[list[FakePopen]] = []
+
+    def __init__(self, argv: list[str], **kwargs: Any) -> None:
+        self.argv, self.kwargs = argv, kwargs
+        self.returncode: int | None = None
+        socket_path = kwargs["env"]["SHM_MODEL_SOCKET"]
+        self.host = FakeHost(Path(socket_path), host_respond) if not os.environ.get("FAKE_HOST_EXITS") else None
+        FakePopen.started.append(self)
+
+    def poll(self) -> int | None:
+        if self.host is None:
+            self.returncode = 3
+        return self.returncode
+
+
+@pytest.fixture
+def popen(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakePopen]]:
+    FakePopen.started = []
+    monkeypatch.setattr(manager_module.subprocess, "Popen", FakePopen)
+    yield FakePopen
+    for proc in FakePopen.started:
+        if proc.host is not None:
+            proc.host.close()
+
+
+def test_autostart_starts_one_host_on_the_socket(
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path
+) -> None:
+    socket_path = str(tmp_path / "new" / "host.sock")
+    m = make("shared", socket=socket_path, autostart=True)
+    assert m.get_model().encode(["a"]).shape == (1, 3)
+    assert len(popen.started) == 1
+    proc = popen.started[0]
+    assert proc.argv[1:] == ["-m", "shm_model", "serve"]
+    assert proc.kwargs["start_new_session"] is True
+    assert proc.kwargs["env"]["SHM_MODEL_SOCKET"] == socket_path
+    assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o700
+    for name in ("host.sock.start", "host.log"):
+        st = os.stat(tmp_path / "new" / name)
+        assert st.st_mode & 0o777 == 0o600
+    assert m._started_host is proc
+    m._start_host()  # a host answers now: nothing more is started
+    assert len(popen.started) == 1
+    assert make("shared", socket=socket_path, autostart=True).get_model() is not None
+    assert len(popen.started) == 1
+
+
+def test_autostart_reports_a_host_that_exits(
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_HOST_EXITS", "1")
+    socket_path = str(tmp_path / "run2" / "host.sock")
+    m = make("shared", socket=socket_path, autostart=True)
+    with pytest.raises(HostUnavailable) as info:
+        m.get_model()
+    assert str(info.value) == (f"the host started on {socket_path} exited with 3; see {tmp_path / 'run2' / 'host.log'}")
+    assert not make("shared", socket=socket_path).config.autostart
+    with pytest.raises(HostUnavailable):
+        make("shared", socket=socket_path).get_model()  # no autostart: no host is an error
+    assert len(popen.started) == 1
+
+
+def test_autostart_waits_for_another_process_that_holds_the_start_lock(
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path
+) -> None:
+    import fcntl
+
+    directory = tmp_path / "run3"
+    directory.mkdir(mode=0o700)
+    socket_path = str(directory / "host.sock")
+    fd = os.open(socket_path + ".start", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    m = make("shared", socket=socket_path, autostart=True)
+    m.config = ManagerConfig(mode="shared", autostart=True, load_timeout=0.2)
+    try:
+        with pytest.raises(HostUnavailable) as info:
+            m.get_model()
+        assert str(info.value) == "timed out waiting for another process to start the host"
+        assert popen.started == []
+    finally:
+        os.close(fd)
+
+
+def test_autostart_refuses_a_shared_directory(make: Callable[..., ModelManager], tmp_path: Path) -> None:
+    directory = tmp_path / "open"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    m = make("shared", socket=str(directory / "host.sock"), autostart=True)
+    with pytest.raises(PermissionDenied):
+        m.get_model()
+
+
+def test_private_files_refuse_symlinks_and_other_owners(tmp_path: Path) -> None:
+    path = str(tmp_path / "f")
+    fd = _open_private(path, os.O_RDWR)
+    os.close(fd)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(PermissionDenied) as info:
+        _open_private(str(link), os.O_RDWR)
+    assert str(info.value) == f"{link} is a symlink; refusing to open it (remove it)"
+    assert info.value.details == {"path": str(link)}
+    with pytest.raises(HostUnavailable) as missing:
+        _open_private(str(tmp_path / "no" / "f"), os.O_RDWR)
+    assert str(missing.value) == f"cannot open {tmp_path / 'no' / 'f'}: No such file or directory"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(PermissionDenied) as not_regular:
+        _open_private(str(fifo), os.O_RDWR)
+    assert str(not_regular.value) == (
+        f"{fifo} is not a regular file of this user (uid {os.geteuid()}); refusing to write to it"
+    )
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.write_text("")
+        os.chown(theirs, 54321, -1)
+        with pytest.raises(PermissionDenied):
+            _open_private(str(theirs), os.O_RDWR)
+    fd = _open_private(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert os.get_blocking(fd)
+    finally:
+        os.close(fd)
+
+
+def test_metrics_name_each_op_and_private_names_stay_private(
+    make: Callable[..., ModelManager], host: FakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = make("shared")
+    model = m.get_model()
+    before = sample("shm_model_requests_total", {"op": "dimension", "path": "shared"})
+    model.get_sentence_embedding_dimension()
+    assert sample("shm_model_requests_total", {"op": "dimension", "path": "shared"}) == before + 1
+    m.get_status()
+    assert sample("shm_model_memory_bytes", {"scope": "host", "kind": "rss"}) == 30 * 2**20
+    m.host_status()
+    assert host.headers[-1]["op"] == "status" and host.headers[-1]["timeout_ms"] <= 2000
+    local = make("local")
+    local.get_model()
+    local._local.model._secret = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError) as info:
+        local._model._secret  # noqa: B018
+    assert str(info.value) == "ManagedModel has no attribute '_secret' (served: none)"

@@ -1,0 +1,282 @@
+"""A worker's request loop and its process setup, in process: a socketpair stands for the channel."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import resource
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from config.model_config import HostConfig, ModelConfig
+from shm_model.errors import BadRequest, ModelLoadError, PayloadTooLarge
+from shm_model.protocol import MAGIC, PREFIX, Frame, pack, recv_frame, vectors_from_frame
+from workers import models
+from workers import worker as worker_module
+from workers.backends import Backend, DummyBackend
+from workers.models import ModelSet
+from workers.worker import WORKER_BOOT_ERROR, Worker, channel_frame_limit, die_with_parent, run_forked
+
+
+class Recorder(DummyBackend):
+    def __init__(self) -> None:
+        super().__init__(ModelConfig.load({}), HostConfig.load({"SHM_MODEL_BACKEND": "dummy"}))
+        self.calls: list[tuple[str, Any]] = []
+
+    def prepare_worker(self, threads: int) -> None:
+        self.calls.append(("prepare", threads))
+        super().prepare_worker(threads)
+
+    def set_threads(self, threads: int) -> None:
+        self.calls.append(("threads", threads))
+        super().set_threads(threads)
+
+
+class Broken(Recorder):
+    def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
+        raise ZeroDivisionError("division by zero")
+
+
+def make_worker(backend: Backend | None, *, threads: int = 2, fd: int = -1, forked: bool = False) -> Worker:
+    models = None if backend is None else ModelSet([("dummy", backend)])
+    return Worker(
+        fd, models, threads=threads, generation=4, parent_pid=os.getppid(), max_frame_bytes=1000, forked=forked
+    )
+
+
+def reply(data: bytes) -> Frame:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(data)
+        return recv_frame(b, 1 << 24)
+
+
+@pytest.fixture
+def limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, tuple[int, int]]]]:
+    """init_process changes signal dispositions, the core limit (recorded here: a lowered hard limit
+    cannot be raised again) and faulthandler: put them back."""
+    saved_int = signal.getsignal(signal.SIGINT)
+    was_enabled = faulthandler.is_enabled()
+    root = logging.getLogger()
+    saved_logging = (root.handlers[:], root.level)
+    calls: list[tuple[int, tuple[int, int]]] = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: calls.append((which, value)))
+    yield calls
+    signal.signal(signal.SIGINT, saved_int)
+    root.handlers, root.level = saved_logging
+    if not was_enabled:
+        faulthandler.disable()
+
+
+def test_the_channel_bound_allows_a_batch_of_a_whole_request() -> None:
+    assert channel_frame_limit(1000) == 8 * 1000 + (1 << 20)
+    w = make_worker(None)
+    assert w.frame_limit == channel_frame_limit(1000)
+    assert (w.threads, w.generation, w.forked, w.backend, w.channel) == (2, 4, False, None, None)
+
+
+def test_an_encode_batch_gets_vectors_and_token_counts() -> None:
+    backend = Recorder()
+    w = make_worker(backend)
+    frame = reply(w.handle({"op": "encode", "id": 9, "texts": ["a", "bb"], "prompt": "query: "}))
+    assert frame.header["id"] == 9 and frame.header["ok"] is True
+    assert frame.header["tokens"] == backend.count_tokens(["a", "bb"], "query: ")
+    expected = backend.encode(["a", "bb"], "query: ")
+    assert np.array_equal(vectors_from_frame(frame), expected)
+    assert not np.array_equal(expected, backend.encode(["a", "bb"], None))  # the prompt was used
+    assert backend.calls == []  # the batch asked for the threads it already had
+
+
+def test_a_batch_sets_the_threads_it_was_given() -> None:
+    backend = Recorder()
+    w = make_worker(backend, threads=2)
+    w.handle({"op": "encode", "id": 1, "texts": ["x"], "threads": 1})
+    assert backend.calls == [("threads", 1)] and w.threads == 1
+    for ignored in (0, -1, None, "2", 1.0):
+        w.handle({"op": "encode", "id": 1, "texts": ["x"], "threads": ignored})
+    assert backend.calls == [("threads", 1)]
+    frame = reply(w.handle({"op": "encode", "id": 1, "texts": ["__threads__"], "threads": 3}))
+    assert vectors_from_frame(frame)[0, 0] == 3.0
+    assert w.threads == 3
+
+
+def test_errors_answer_the_batch_typed() -> None:
+    w = make_worker(Recorder())
+    unknown = reply(w.handle({"op": "ping", "id": 2})).header
+    assert unknown["id"] == 2 and unknown["ok"] is False
+    assert unknown["error"]["code"] == "internal_error"
+    assert unknown["error"]["message"] == "worker got unknown op 'ping'; this is a bug"
+    bad = reply(w.handle({"op": "encode", "id": 3, "texts": ["__error__"]})).header
+    assert bad["error"] == BadRequest("the dummy backend was asked to fail").to_dict()
+    broken = reply(make_worker(Broken()).handle({"op": "encode", "id": 4, "texts": ["a"]})).header
+    assert broken["id"] == 4
+    assert broken["error"]["code"] == "internal_error"
+    assert broken["error"]["message"] == "encode failed: ZeroDivisionError: division by zero"
+    missing = reply(w.handle({"op": "encode", "id": 5})).header
+    assert missing["error"]["message"] == "encode failed: KeyError: 'texts'"
+
+
+def test_run_says_ready_serves_batches_and_ends_when_the_channel_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(worker_module, "_release_free_memory", lambda: trims.append(1))
+    supervisor, channel = socket.socketpair()
+    backend = Recorder()
+    w = make_worker(backend, threads=3)
+    w.channel = channel
+    replies: list[Frame] = []
+
+    def supervise() -> None:
+        with supervisor:
+            replies.append(recv_frame(supervisor, 1 << 20))
+            for i in range(2):
+                supervisor.sendall(pack({"op": "encode", "id": i, "texts": ["a"] * (i + 1)}))
+                replies.append(recv_frame(supervisor, 1 << 20))
+
+    thread = threading.Thread(target=supervise)
+    thread.start()
+    assert w.run() == 0
+    thread.join(10)
+    channel.close()
+    ready = replies[0].header
+    assert ready == {"op": "ready", "pid": os.getpid(), "backend": w.backend.describe()}
+    assert [vectors_from_frame(f).shape for f in replies[1:]] == [(1, 32), (2, 32)]
+    assert backend.calls == [("prepare", 3)]
+    assert trims == [1, 1]
+
+
+def test_a_frame_over_the_channel_bound_ends_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor, channel = socket.socketpair()
+    w = make_worker(Recorder())
+    w.channel = channel
+    with supervisor, channel:
+        supervisor.sendall(PREFIX.pack(MAGIC, 100, w.frame_limit - PREFIX.size - 99))  # one byte over
+        with pytest.raises(PayloadTooLarge):
+            w.run()
+
+
+def test_init_process_sets_up_signals_limits_and_the_channel(limits: list[tuple[int, tuple[int, int]]]) -> None:
+    a, b = socket.socketpair()
+    fd = os.dup(b.fileno())
+    b.close()
+    w = make_worker(Recorder(), fd=fd)
+    w.init_process()
+    try:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert limits == [(resource.RLIMIT_CORE, (0, 0))]
+        assert faulthandler.is_enabled()
+        assert w.channel is not None and w.channel.fileno() == fd
+        assert w.channel.getblocking() is True
+        from shm_model import logs
+
+        assert logs._role == "worker g4"
+    finally:
+        a.close()
+        if w.channel is not None:
+            w.channel.close()
+        from shm_model import logs
+
+        logs.set_role("client")
+
+
+def test_a_worker_whose_parent_is_gone_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    die_with_parent(os.getppid())
+    assert exits == []
+    die_with_parent(os.getppid() + 1_000_000)
+    assert exits == [1]
+
+
+def test_run_forked_exits_with_run_s_code_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    w = make_worker(Recorder())
+    monkeypatch.setattr(w, "init_process", lambda: None)
+    monkeypatch.setattr(w, "run", lambda: 0)
+    run_forked(w)
+    monkeypatch.setattr(w, "run", lambda: 1 / 0)
+    run_forked(w)
+    monkeypatch.setattr(w, "init_process", lambda: 1 / 0)
+    monkeypatch.setattr(w, "run", lambda: 0)
+    run_forked(w)
+    assert exits == [0, 1, 1]
+
+
+def test_a_spawned_worker_loads_its_backend_and_serves(monkeypatch: pytest.MonkeyPatch, limits: list) -> None:
+    monkeypatch.setenv("SHM_MODEL_BACKEND", "dummy")
+    monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
+    supervisor, channel = socket.socketpair()
+    fd = os.dup(channel.fileno())
+    channel.close()
+    frames: list[Frame] = []
+
+    def supervise() -> None:
+        with supervisor:
+            frames.append(recv_frame(supervisor, 1 << 20))
+            supervisor.sendall(pack({"op": "encode", "id": 1, "texts": ["a"]}))
+            frames.append(recv_frame(supervisor, 1 << 20))
+
+    thread = threading.Thread(target=supervise)
+    thread.start()
+    try:
+        argv = ["--fd", str(fd), "--parent", str(os.getppid()), "--generation", "2", "--threads", "1"]
+        assert worker_module.main(argv) == 0
+    finally:
+        thread.join(10)
+        from shm_model import logs
+
+        logs.set_role("client")
+    assert frames[0].header["op"] == "ready" and frames[0].header["backend"]["model"] == "dummy"
+    assert vectors_from_frame(frames[1]).shape == (1, 32)
+
+
+def test_a_spawned_worker_that_cannot_load_the_model_exits_with_the_boot_error(
+    monkeypatch: pytest.MonkeyPatch, limits: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    def cannot_load(*args: object, **kwargs: object) -> Backend:
+        assert kwargs == {"place": False}  # a spawned worker keeps the weights it loaded
+        raise ModelLoadError("model 'x' not found")
+
+    monkeypatch.setattr(models, "load_models", cannot_load)
+    monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
+    a, b = socket.socketpair()
+    fd = os.dup(b.fileno())
+    b.close()
+    try:
+        assert worker_module.main(["--fd", str(fd), "--parent", str(os.getppid())]) == WORKER_BOOT_ERROR
+        assert "worker could not load the model: model 'x' not found" in caplog.text
+    finally:
+        a.close()
+        os.close(fd)
+        from shm_model import logs
+
+        logs.set_role("client")
+
+
+def test_the_spawned_worker_s_command_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        worker_module.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m workers.worker [-h] --fd FD [--generation GENERATION]\n")
+    assert " --parent PARENT [--threads THREADS]\n" in out
+    assert "--fd FD               inherited channel descriptor" in out
+    assert "--parent PARENT       supervisor pid" in out
+    assert out.count("One worker process: receives batches") == 1
+    for missing in (["--parent", "1"], ["--fd", "5"]):
+        with pytest.raises(SystemExit) as usage:
+            worker_module.main(missing)
+        assert usage.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err
+
+
+def test_memory_is_given_back_through_glibc() -> None:
+    trim = worker_module._malloc_trim()
+    assert trim() in (0, 1)  # malloc_trim's answer: whether memory was released
