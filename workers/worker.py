@@ -21,6 +21,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,28 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def own_progress_lock() -> None:
+    """Give this process a progress-bar lock of its own.
+
+    tqdm guards its bars with a multiprocessing lock (a semaphore shared by every process
+    forked after it was made: the supervisor made it while loading the model), and
+    sentence-transformers takes it for every batch even with the bar off. A worker killed
+    while holding it (SIGKILL by the OOM killer or the watchdog) would leave it held for
+    every worker forked after, each then blocked forever on its first batch."""
+    try:
+        from tqdm import std
+    except ImportError:  # no tqdm: nothing shared
+        return
+    std.TqdmDefaultWriteLock.mp_lock = None  # locks made from now on are this process's only
+    lock = threading.RLock()
+    classes = [std.tqdm]
+    while classes:
+        cls = classes.pop()
+        if cls is std.tqdm or "_lock" in vars(cls):
+            cls.set_lock(lock)
+        classes.extend(cls.__subclasses__())
+
+
 class Worker:
     def __init__(
         self,
@@ -99,6 +122,7 @@ class Worker:
             # stay open here, or a client would not see the host go away.
             os.closerange(3, self.channel_fd)
             os.closerange(self.channel_fd + 1, 1 << 16)
+            own_progress_lock()
         # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

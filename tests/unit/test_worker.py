@@ -280,3 +280,58 @@ def test_the_spawned_worker_s_command_line(capsys: pytest.CaptureFixture) -> Non
 def test_memory_is_given_back_through_glibc() -> None:
     trim = worker_module._malloc_trim()
     assert trim() in (0, 1)  # malloc_trim's answer: whether memory was released
+
+
+def _wait_exit(pid: int, seconds: float) -> int | None:
+    """The exit code of child ``pid``, or None (after killing it) if it has not exited in time."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def test_a_forked_worker_does_not_wait_for_a_progress_lock_a_killed_worker_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tqdm's lock is a semaphore shared across fork; sentence-transformers takes it on every
+    batch. Held by a worker that was SIGKILLed mid-batch, it must not block the workers forked
+    after it: each takes a lock of its own."""
+    import multiprocessing
+
+    from tqdm import std
+
+    monkeypatch.setattr(std.TqdmDefaultWriteLock, "mp_lock", multiprocessing.RLock(), raising=False)
+    monkeypatch.setattr(std.tqdm, "_lock", std.TqdmDefaultWriteLock(), raising=False)  # as the model load made it
+
+    held_r, held_w = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # a worker that takes the lock and is killed before it lets go
+        std.tqdm.get_lock().acquire()
+        os.write(held_w, b"x")
+        signal.pause()
+        os._exit(0)
+    try:
+        assert os.read(held_r, 1) == b"x"
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+        os.close(held_r)
+        os.close(held_w)
+
+    child = os.fork()
+    if child == 0:  # a worker forked after: what it does up to its first batch
+        code = 1
+        try:
+            worker_module.own_progress_lock()
+            list(std.trange(3, disable=True))
+            code = 0
+        finally:
+            os._exit(code)
+    assert _wait_exit(child, 30) == 0, "the forked worker blocked on the progress-bar lock a killed worker held"
