@@ -297,7 +297,8 @@ class Scheduler:
         self.bulk_batch_seconds = bulk_batch_seconds
         self.on_expired = on_expired
         self.queues = {p: _ClassQueue() for p in PRIORITIES}
-        self.vtime = dict.fromkeys(PRIORITIES, 0.0)
+        self.vtime = dict.fromkeys(PRIORITIES, 0.0)  # each class's next start tag
+        self.vstart = dict.fromkeys(PRIORITIES, 0.0)  # the start tag of each class's last batch
         self.stats = {p: ClassStats() for p in PRIORITIES}
         self.rates: dict[int, float] = {}  # seconds per padded token, by intra-op threads
 
@@ -312,8 +313,10 @@ class Scheduler:
             queue.add(piece, front=front)
 
     def _wake(self, priority: str) -> None:
-        """A class that was idle starts at the current virtual time: no credit for idling."""
-        others = [self.vtime[p] for p in PRIORITIES if p != priority and self.queues[p]]
+        """A class that was idle starts at the current virtual time (the start tag of the batch
+        the other class has in service): no credit for idling, and no charge for that batch,
+        which was counted when it was taken."""
+        others = [self.vstart[p] for p in PRIORITIES if p != priority and self.queues[p]]
         if others:
             self.vtime[priority] = max(self.vtime[priority], min(others))
 
@@ -387,6 +390,7 @@ class Scheduler:
             if batch:
                 break
         cost = sum(p.count for p in batch) * max(p.longest for p in batch)
+        self.vstart[priority] = self.vtime[priority]
         self.vtime[priority] += cost / self.weights[priority]
         stats = self.stats[priority]
         stats.batches += 1

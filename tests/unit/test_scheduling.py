@@ -228,6 +228,18 @@ def test_an_idle_class_gets_no_credit_for_its_idle_time() -> None:
     assert first.count("interactive") >= 2  # bulk did not bank the time it was not there
 
 
+def test_queries_arriving_during_a_bulk_batch_go_first_one_after_another() -> None:
+    """A class that wakes starts at the virtual time of the batch being served, not after it:
+    a query is not charged for the bulk batch that was already running when it arrived."""
+    s = Scheduler(LIMITS, bulk_share=0.2)
+    submit(s, request(["b" * 200] * 64, priority="bulk", client=1))
+    assert s.take(0.0)[0].request.priority == "bulk"  # in service
+    for i in range(5):  # queries one after another while that batch runs
+        submit(s, request(["q" * 10], client=2 + i))
+        assert s.next_priority() == "interactive", i
+        assert s.take(0.0)[0].request.priority == "interactive"
+
+
 @pytest.mark.parametrize(
     ("free", "idle", "waiting", "threads"),
     [
