@@ -147,6 +147,7 @@ def test_public_names_stay_what_they_are() -> None:
         "ModelConfig",
         "ModelLoadError",
         "ModelManager",
+        "ModelNotFound",
         "ModelStatus",
         "Overloaded",
         "PayloadTooLarge",
