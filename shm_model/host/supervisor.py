@@ -57,6 +57,10 @@ from workers.worker import WORKER_BOOT_ERROR, channel_frame_limit
 log = logging.getLogger(__name__)
 
 
+#: Spins of an OpenMP thread waiting at a barrier before it sleeps (GOMP_SPINCOUNT).
+OMP_SPIN_COUNT = 30_000
+
+
 def single_threaded() -> None:
     """Keep this process from starting thread pools that would not survive a fork.
 
@@ -65,10 +69,15 @@ def single_threaded() -> None:
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-    # A worker's intra-op threads sleep at a barrier instead of spinning: with other processes
-    # busy, a 2-thread encode of one sentence (bundled model) took p90 97-517 ms spinning and
-    # 30 ms sleeping (25 ms on one thread).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A worker's intra-op threads spin briefly at a barrier, then sleep (GNU OpenMP). Spinning
+    # without end (OMP_WAIT_POLICY=ACTIVE, or libgomp's default 300,000 spins) made a 2-thread
+    # encode of one sentence (bundled model) take p90 97-517 ms with other processes busy and
+    # cost 30% of the throughput at 4-16 clients; sleeping at once (PASSIVE) cost a lone
+    # request 15% (54-59 against 65-66 req/s at one client). 30,000 spins keep both: one client
+    # 65-66 req/s, 4 and 16 clients as with PASSIVE, and with two busy processes beside it a
+    # p90 of 42 ms against PASSIVE's 50-54 ms. Set either variable to choose otherwise.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)

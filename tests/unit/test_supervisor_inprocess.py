@@ -29,7 +29,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 def host_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """What serving changes in this process, put back after: signal handlers, thread settings."""
     saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "TOKENIZERS_PARALLELISM"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TOKENIZERS_PARALLELISM"):
         monkeypatch.delenv(name, raising=False)
     yield
     for sig, handler in saved.items():
@@ -196,14 +196,19 @@ def test_single_threaded_keeps_settings_that_were_given(monkeypatch: pytest.Monk
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     try:
         single_threaded()
         assert os.environ["OMP_NUM_THREADS"] == "3"
         assert os.environ["MKL_NUM_THREADS"] == "1"
-        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert os.environ["GOMP_SPINCOUNT"] == "30000" and "OMP_WAIT_POLICY" not in os.environ
         assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
         assert torch.get_num_threads() == 1
+        monkeypatch.delenv("GOMP_SPINCOUNT")
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # a policy given by the user is kept, alone
+        single_threaded()
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
     finally:
         torch.set_num_threads(threads)
 
