@@ -561,11 +561,11 @@ class MemoryWatch:
                 self.worker_bytes = max(self.worker_bytes or 0, figures["uss"])
 
     def sample(self, pids: Iterable[int], worker_pids: Iterable[int]) -> MemoryReading:
-        """Take a reading, and every WORKER_MEASURE_SECONDS measure the workers (psutil reads each
-        one's whole smaps: milliseconds for a large model): the part that reads files, run off the
-        event loop."""
+        """Take a reading, and measure the workers until they are first measured, then every
+        WORKER_MEASURE_SECONDS (psutil reads each one's whole smaps: milliseconds for a large
+        model): the part that reads files, run off the event loop."""
         now = time.monotonic()
-        if now - self.workers_measured_at >= WORKER_MEASURE_SECONDS:
+        if self.worker_bytes is None or now - self.workers_measured_at >= WORKER_MEASURE_SECONDS:
             self.measure_workers(worker_pids)
             self.workers_measured_at = now
         return self.read(pids)

@@ -335,7 +335,9 @@ def test_memory_watch_measures_workers_and_the_host_under_a_memory_limit(tmp_pat
     # A small process of its own (the test process may hold models loaded by other tests).
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        watch.measure_workers([child.pid])
+        watch.sample([], [])  # no worker yet: nothing measured
+        assert watch.worker_bytes is None
+        watch.sample([], [child.pid])  # measured as soon as there is one, not a measuring interval later
         assert watch.worker_bytes is not None and 0 < watch.worker_bytes < GiB
         reading = watch.read([child.pid])
         assert reading.host_usage is not None and 0 < reading.host_usage < GiB
