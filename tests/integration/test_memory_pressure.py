@@ -249,6 +249,13 @@ def reload_measured(host: Host) -> tuple[dict[str, Any], float, int, int]:
     return reply, time.monotonic() - started, before, peak
 
 
+def second_generation(host: Host) -> int:
+    """What the host estimates a second generation needs, once its workers were measured (until
+    then the estimate uses a default per worker; measured, it only grows)."""
+    poll(lambda: host.status()["memory_pressure"]["worker_bytes"] is not None, 10, what="the workers measured")
+    return int(host.status()["memory_pressure"]["second_generation"])
+
+
 def test_a_reload_that_cannot_fit_two_generations_swaps_with_no_failed_request(
     host_factory: Callable[..., Host], tmp_path: Path
 ) -> None:
@@ -263,8 +270,7 @@ def test_a_reload_that_cannot_fit_two_generations_swaps_with_no_failed_request(
     host = host_factory(MODEL_NAME="bundled", SHM_MODEL_WEIGHTS="shm", **env)
     with Load(host) as load:
         overlap, overlap_s, overlap_before, overlap_peak = reload_measured(host)
-        poll(lambda: host.status()["memory_pressure"]["worker_bytes"] is not None, 10, what="the workers measured")
-        second = host.status()["memory_pressure"]["second_generation"]
+        second = second_generation(host)
         assert 87 * MiB < second < 400 * MiB
         cgroup.set(usage=cgroup.limit - second // 2)  # room for half of a second generation
         poll(lambda: host.status()["memory_pressure"]["headroom"] < second, 10, what="the smaller headroom")
@@ -296,9 +302,7 @@ def test_overlap_only_refuses_a_reload_that_does_not_fit_naming_the_numbers(
     cgroup = FakeCgroup(tmp_path / "cg", limit=GiB)
     env = fast_pressure(cgroup, SHM_MODEL_RELOAD="overlap", SHM_MODEL_MEMORY_LOW="0.001")
     host = host_factory(SHM_MODEL_BACKEND="dummy", **env)
-    # The estimate uses a default per worker until the workers are measured (then only grows).
-    poll(lambda: host.status()["memory_pressure"]["worker_bytes"] is not None, 10, what="the workers measured")
-    second = host.status()["memory_pressure"]["second_generation"]
+    second = second_generation(host)
     assert 0 < second < 200 * MiB  # two dummy workers
     cgroup.set(usage=cgroup.limit - second // 2)
     poll(lambda: host.status()["memory_pressure"]["headroom"] < second, 10, what="the smaller headroom")
