@@ -157,6 +157,22 @@ def split(request: Request, limits: BatchLimits) -> list[Piece]:
 OVERLAP_WINDOW = 2.0
 
 
+def even_share(waiting_texts: int, ways: int) -> int | None:
+    """Texts one batch may take when ``ways`` batches share the waiting work (None: no cap).
+
+    Without it, under load from many clients a worker that frees up takes the one request that
+    just arrived while the others wait behind one large batch on another worker; its client is
+    answered quickly, sends again, and is served again alone: a few clients get a batch to
+    themselves and the rest wait for the large batch every time (at 16 closed-loop clients on
+    the bundled model, half the requests at 25 ms and half at 250 ms). An even share keeps the
+    batches of side-by-side workers the same size, so every request waits about as long, for
+    the same throughput.
+    """
+    if ways <= 1 or waiting_texts <= 0:
+        return None
+    return -(-waiting_texts // ways)
+
+
 def share_cores(free: int, idle_workers: int, waiting_pieces: int) -> int:
     """Intra-op threads for the next batch, from the cores that no busy worker holds.
 
@@ -380,13 +396,20 @@ class Scheduler:
             rate = self.rates[nearest] * nearest / threads  # assume linear scaling until measured
         return max(1, int(self.bulk_batch_seconds / rate))
 
-    def take(self, now: float, threads: int = 1) -> list[Piece]:
-        """The next batch: pieces of one class, one model and one prompt, within the limits."""
+    def take(self, now: float, threads: int = 1, ways: int = 1) -> list[Piece]:
+        """The next batch: pieces of one class, one model and one prompt, within the limits.
+
+        ``ways`` is how many batches share the interactive work at once (the idle workers and
+        those running an interactive batch): an interactive batch then takes at most an even
+        share of the waiting texts (``even_share``).
+        """
         while True:
             priority = self.next_priority()
             if priority is None:
                 return []
-            batch = self._fill(self.queues[priority], now, self.token_budget(priority, threads))
+            queue = self.queues[priority]
+            share = even_share(queue.texts, ways) if priority == "interactive" else None
+            batch = self._fill(queue, now, self.token_budget(priority, threads), share)
             if batch:
                 break
         cost = sum(p.count for p in batch) * max(p.longest for p in batch)
@@ -404,9 +427,10 @@ class Scheduler:
                 stats.waits.append(now - request.arrived)
         return batch
 
-    def _fill(self, queue: _ClassQueue, now: float, budget: int | None) -> list[Piece]:
+    def _fill(self, queue: _ClassQueue, now: float, budget: int | None, share: int | None = None) -> list[Piece]:
         """Fill a batch from one class, clients in turn; the client that starts it goes to the back."""
         max_tokens = self.limits.max_tokens if budget is None else min(self.limits.max_tokens, budget)
+        max_texts = self.limits.max_texts if share is None else min(self.limits.max_texts, share)
         batch: list[Piece] = []
         count = longest = nbytes = 0
         full = False
@@ -425,7 +449,7 @@ class Scheduler:
                 if batch and (head.solo or batch[0].solo or not same_encoding(request, batch[0].request)):
                     break
                 new_longest = max(longest, head.longest)
-                fit = min(head.count, self.limits.max_texts - count, max_tokens // new_longest - count)
+                fit = min(head.count, max_texts - count, max_tokens // new_longest - count)
                 fit = _within_bytes(head, fit, self.limits.max_bytes - nbytes)
                 if fit <= 0:
                     if batch:
@@ -438,7 +462,7 @@ class Scheduler:
                 count += taken.count
                 longest = new_longest
                 nbytes += taken.nbytes
-                full = taken.solo or fit < head.count or count >= self.limits.max_texts
+                full = taken.solo or fit < head.count or count >= max_texts
             if full:
                 break
         if batch and batch[0].request.client in queue.clients:

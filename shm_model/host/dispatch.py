@@ -239,7 +239,7 @@ class Dispatcher:
                 threads = self._threads_for_next(now, len(idle))
             if threads < 1:
                 break  # the cores are held: the next batch starts when one is released
-            pieces = self.scheduler.take(now, threads)
+            pieces = self.scheduler.take(now, threads, ways=self._ways(len(idle), threads))
             if not pieces:
                 break
             priority = pieces[0].request.priority
@@ -270,6 +270,15 @@ class Dispatcher:
         for w in busy:
             if w.paused_since is not None:
                 w.set_paused(False, now)
+
+    def _ways(self, idle: int, threads: int) -> int:
+        """How many batches will serve the waiting queries side by side: the interactive ones
+        running, this one, and the idle workers the cores left beside it allow."""
+        serving = sum(1 for w in self.pool.busy() if w.priority == "interactive")
+        if not self.dynamic_threads:
+            return serving + idle
+        free = self.cores - self._held()
+        return serving + min(idle, max(1, free // max(1, threads)))
 
     def _held(self) -> int:
         """Threads of the batches that run (a paused bulk batch holds none)."""

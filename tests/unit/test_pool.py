@@ -191,6 +191,27 @@ def test_requests_are_batched_and_answered_through_fake_workers() -> None:
     run(body())
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_waiting_texts_are_shared_evenly_by_the_workers_that_can_run_side_by_side(dynamic: bool) -> None:
+    async def body() -> None:
+        host = Host(size=2, dispatcher=True, dynamic=dynamic)
+        await host.start()
+        assert host.dispatcher is not None
+        conn = FakeConnection()
+        host.dispatcher.submit(conn, 1, {"texts": [f"t{i}" for i in range(8)]})  # type: ignore[arg-type]
+        await until(lambda: 1 in conn.replies, "the answer")
+        sizes = [(len(texts), threads) for _, texts, threads in host.spawner.batches]
+        if dynamic:  # a lone batch on a quiet host takes both cores: nothing runs beside it
+            assert sizes == [(8, 2)]
+        else:  # one thread each: the first batch takes half, the rest is shared as workers free up
+            assert sizes[0] == (4, 1) and sum(n for n, _ in sizes) == 8
+            assert max(n for n, _ in sizes[1:]) <= 2  # half of what waited when the second worker took it
+            assert len({pid for pid, _, _ in host.spawner.batches}) == 2
+        await host.close()
+
+    run(body())
+
+
 def test_a_crashing_request_fails_alone_after_its_retries_and_the_others_are_answered() -> None:
     async def body() -> None:
         host = Host(size=1, dispatcher=True, crash_retries=1)

@@ -14,6 +14,7 @@ from shm_model.scheduling import (
     Piece,
     Request,
     Scheduler,
+    even_share,
     share_cores,
     split,
 )
@@ -281,3 +282,80 @@ def test_bulk_texts_over_the_budget_are_told_apart() -> None:
     assert share.bulk(held=0, bulk_running=False) == 2
     assert share.bulk(held=1, bulk_running=False) == 1
     assert share.bulk(held=2, bulk_running=True) == 0
+
+
+def test_even_share_splits_the_waiting_texts_between_the_batches_that_serve_them() -> None:
+    assert even_share(16, 1) is None  # one way: no cap
+    assert even_share(0, 2) is None
+    assert even_share(16, 2) == 8
+    assert even_share(15, 2) == 8
+    assert even_share(1, 2) == 1
+    s = Scheduler(LIMITS)
+    for client in range(16):
+        submit(s, request(["x"], client=client))
+    assert sum(p.count for p in s.take(0.0, ways=2)) == 8
+    assert sum(p.count for p in s.take(0.0, ways=1)) == 8  # the rest: nothing else waits
+    for _ in range(6):
+        submit(s, request(["x"] * 4, priority="bulk"))
+    assert sum(p.count for p in s.take(0.0, ways=2)) == 24  # bulk batches are cut by time, not shared
+
+
+def closed_loop(clients: int, *, ways_aware: bool, seconds: float = 30.0) -> tuple[float, np.ndarray]:
+    """Two one-thread workers serve ``clients`` that each send one text, wait for the answer and
+    send again (a virtual clock; a batch of n texts takes 4 + 18.5 n ms, the bundled model on one
+    core; answers reach the clients 0.15 ms apart, each sends again 0.3 ms after its answer),
+    scheduled as the dispatcher does. Returns the requests per second and their latencies (ms)."""
+    import heapq
+
+    s = Scheduler(LIMITS)
+    events: list[tuple[float, int, str, object]] = []
+    order = iter(range(10**9))
+    idle = [0, 1]
+    running: dict[int, list[Piece]] = {}
+    latencies: list[float] = []
+
+    def send(at: float, client: int) -> None:
+        heapq.heappush(events, (at, next(order), "send", client))
+
+    def dispatch(now: float) -> None:
+        while s.pending() and idle:
+            ways = len(idle) + len(running) if ways_aware else 1
+            batch = s.take(now, 1, ways=ways)
+            worker = idle.pop(0)
+            running[worker] = batch
+            texts = sum(p.count for p in batch)
+            heapq.heappush(events, (now + (4 + 18.5 * texts) / 1e3, next(order), "done", worker))
+
+    for client in range(clients):
+        send(client * 1e-4, client)
+    while events:
+        now, _, kind, what = heapq.heappop(events)
+        if now > seconds:
+            break
+        if kind == "send":
+            submit(s, request(["x"], client=1, arrived=now))  # one process: one client for turns
+            s.queues["interactive"].clients[1][-1].request.id = what  # who to answer
+        else:
+            batch = running.pop(what)  # type: ignore[arg-type]
+            idle.append(what)  # type: ignore[arg-type]
+            for k, piece in enumerate(batch):
+                answered = now + 0.00015 * (k + 1)
+                latencies.append((answered - piece.request.arrived) * 1e3)
+                send(answered + 0.0003, piece.request.id)
+        dispatch(now)
+    kept = np.array(latencies[len(latencies) // 10 :])
+    return len(latencies) / seconds, kept
+
+
+@pytest.mark.parametrize("clients", [8, 16, 32])
+def test_closed_loop_clients_wait_about_as_long_as_each_other(clients: int) -> None:
+    """Many clients of one process on two workers: without even shares one worker serves a few
+    clients again and again while the rest wait behind one large batch (half the requests at
+    ~25 ms, half at ~250 ms at 16 clients); with them every request waits about the mean."""
+    rps, latencies = closed_loop(clients, ways_aware=True)
+    old_rps, old = closed_loop(clients, ways_aware=False)
+    assert np.percentile(old, 99) > 1.4 * np.percentile(old, 50) or np.percentile(old, 50) > 1.4 * old.mean()
+    mean = latencies.mean()
+    assert np.percentile(latencies, 50) <= 1.1 * mean
+    assert np.percentile(latencies, 99) <= 1.25 * mean
+    assert rps >= 0.97 * old_rps  # the same throughput
