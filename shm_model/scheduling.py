@@ -166,9 +166,10 @@ def even_share(waiting_texts: int, ways: int) -> int | None:
     themselves and the rest wait for the large batch every time (at 16 closed-loop clients on
     the bundled model, half the requests at 25 ms and half at 250 ms). An even share keeps the
     batches of side-by-side workers the same size, so every request waits about as long, for
-    the same throughput.
+    the same throughput. When no more texts wait than there are ways, a batch takes them all:
+    at low load, leaving one behind would only make the next batch smaller.
     """
-    if ways <= 1 or waiting_texts <= 0:
+    if ways <= 1 or waiting_texts <= ways:
         return None
     return -(-waiting_texts // ways)
 

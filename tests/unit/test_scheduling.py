@@ -286,10 +286,10 @@ def test_bulk_texts_over_the_budget_are_told_apart() -> None:
 
 def test_even_share_splits_the_waiting_texts_between_the_batches_that_serve_them() -> None:
     assert even_share(16, 1) is None  # one way: no cap
-    assert even_share(0, 2) is None
+    assert even_share(2, 2) is None  # no more than one text a way: all of them
+    assert even_share(3, 2) == 2
     assert even_share(16, 2) == 8
     assert even_share(15, 2) == 8
-    assert even_share(1, 2) == 1
     s = Scheduler(LIMITS)
     for client in range(16):
         submit(s, request(["x"], client=client))
@@ -347,14 +347,18 @@ def closed_loop(clients: int, *, ways_aware: bool, seconds: float = 30.0) -> tup
     return len(latencies) / seconds, kept
 
 
-@pytest.mark.parametrize("clients", [8, 16, 32])
+@pytest.mark.parametrize("clients", [4, 8, 16, 32])
 def test_closed_loop_clients_wait_about_as_long_as_each_other(clients: int) -> None:
     """Many clients of one process on two workers: without even shares one worker serves a few
     clients again and again while the rest wait behind one large batch (half the requests at
     ~25 ms, half at ~250 ms at 16 clients); with them every request waits about the mean."""
     rps, latencies = closed_loop(clients, ways_aware=True)
     old_rps, old = closed_loop(clients, ways_aware=False)
-    assert np.percentile(old, 99) > 1.4 * np.percentile(old, 50) or np.percentile(old, 50) > 1.4 * old.mean()
+    if clients >= 8:  # the model shows the problem
+        assert np.percentile(old, 99) > 1.4 * np.percentile(old, 50) or np.percentile(old, 50) > 1.4 * old.mean()
+    else:  # few clients: nothing to even out, the same batches as before
+        assert rps == pytest.approx(old_rps, rel=0.01)
+        return
     mean = latencies.mean()
     assert np.percentile(latencies, 50) <= 1.1 * mean
     assert np.percentile(latencies, 99) <= 1.25 * mean
