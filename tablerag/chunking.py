@@ -84,6 +84,13 @@ def terms(text: str) -> list[str]:
     return out
 
 
+def nouns(text: str) -> list[str]:
+    """The nouns of ``text`` (common and proper, two syllables or more) and its Latin words."""
+    with _kiwi_lock:
+        tokens = kiwi().tokenize(text)
+    return [t.form for t in tokens if t.tag in ("NNG", "NNP", "SL") and len(t.form) >= 2]
+
+
 def grams(text: str) -> set[str]:
     """Character bigrams of the Hangul runs of ``text`` (a lone syllable as itself), and whole
     Latin words and numbers."""
