@@ -108,3 +108,20 @@ def test_a_passage_that_holds_the_question_only_in_its_context_lines_is_declined
     assert reply.declined and reply.text == NOT_FOUND
     assert respond("가온시 규정상 여비는 며칠 안에 정산하나요?", [passage]).text.startswith("제3조(정산)")
     assert respond("가온시 규정상 출장 신천은 언제까지?", [passage]).text.startswith("제2조")  # a mistyped syllable
+
+
+def test_common_nouns_shaped_like_places_are_not_names() -> None:
+    from tablerag.chunking import names
+
+    assert names("2022년 가온시 대야동의 가구 수는?") == {"가온시", "대야동"}  # 가구: households
+    assert names("나래시 해안동 2023년 총인구 알려줘") == {"나래시", "해안동"}
+    assert names("당시 활동 인원") == set()
+    assert names("남구 배출 요일") == {"남구"}  # a district the dictionary knows
+    assert names("푸른솔시 인구") == {"푸른솔시"}  # one it does not
+
+
+def test_households_are_asked_as_가구_or_세대() -> None:
+    people = Table(["행정동", "인구(명) 계", "세대수"], [["대야동", "35,635", "16,765"]])
+    row = hit("row", "대야동", row=dict(zip(people.header, people.rows[0], strict=True)), table=people)
+    reply = respond("대야동의 가구 수는?", [row])
+    assert not reply.declined and reply.text.startswith("16,765")
