@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shm_model import errors
-from tablerag.chunking import grams, location_label, split_sentences
+from tablerag.chunking import grams, location_label, names_in, nouns, split_sentences
 from tablerag.store import Hit
 
 #: A row hit carries its table's Markdown up to this size (else the rows around the hit).
@@ -116,12 +116,15 @@ CUES: list[tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]] = [
         (r"언제|몇\s*시|시간|요일", r"시간|일시|기간|요일|일자|날짜", r"\d{1,2}:\d{2}|요일|휴진|\d+\s*(?:월|일|시)"),
         (r"몇\s*권", r"권", r"권|^\d[\d,]*$"),
         (r"몇\s*석|좌석", r"석", r"석|^\d[\d,]*$"),
-        (r"몇\s*세대|세대", r"세대", r"^\d[\d,]*$"),
+        (r"몇\s*세대|세대|가구", r"세대|가구", r"^\d[\d,]*$"),
+        (r"전화|연락처|번호", r"전화|연락처|번호", r"\d{2,4}-\d{3,4}-\d{4}"),
         (r"몇\s*%|비율|률|율", r"률|율|%", r"%"),
         (r"어디|위치|주소|소재", r"소재|위치|주소|장소", r"[가-힣]+(동|구|시|군|읍|면|로|길)$"),
     )
 ]
 _UNIT = re.compile(r"\(([^()]*)\)")
+#: Nouns that ask rather than name.
+_QUESTION_WORD = re.compile(r"얼마|며칠|무엇|언제|어디|누구|몇")
 
 
 @dataclass(frozen=True)
@@ -153,10 +156,10 @@ def body(hit: Hit) -> str:
 
 def respond(question: str, hits: list[Hit]) -> Reply:
     """The reply to ``question`` from ranked ``hits``: declined when the best one's evidence is
-    below ``MIN_EVIDENCE``; else the value it holds (a row's cell, a table's row, a passage's
-    sentence), cited."""
+    below ``MIN_EVIDENCE`` or it does not hold what the question asks about (``asks_of``); else
+    the value it holds (a row's cell, a table's row, a passage's sentence), cited."""
     unique = dedupe(hits)
-    if not unique or unique[0].evidence < MIN_EVIDENCE:
+    if not unique or unique[0].evidence < MIN_EVIDENCE or not asks_of(question, unique[0]):
         return Reply(NOT_FOUND, True, unique)
     return Reply(extractive_answer(question, unique), False, unique)
 
@@ -178,6 +181,35 @@ def extractive_answer(question: str, hits: list[Hit]) -> str:
     shared |= {g for g, n in counts.items() if len(sentences) > 2 and n > len(sentences) / 2}
     wanted = grams(question) - shared
     return max(sentences, key=lambda s: _sentence_score(question, wanted, s)) + " [1]"
+
+
+def _holds(word: str, text: str) -> bool:
+    """Whether ``text`` holds ``word``: a bigram of it, or the word with one mistyped syllable."""
+    return bool(grams(word) & grams(text)) or names_in({word}, text)
+
+
+def asks_of(question: str, hit: Hit) -> bool:
+    """Whether ``hit`` holds what the question asks about, beyond what names its document or row.
+
+    A passage must hold in its body (not only in its context lines: document, place) one of
+    the question's nouns that its context lines do not. A row with several values must have a
+    column the question names (by a word of its header, or by the kind of value: ``CUES``),
+    unless the question names nothing the row and its table do not hold: "수영 강사의 이름" is
+    not answered by the fee or the hours of the row of "수영". Question words ("얼마", "며칠")
+    are not what is asked about."""
+    wanted = [word for word in nouns(question) if not _QUESTION_WORD.fullmatch(word)]
+    if hit.kind == "text":
+        text = body(hit)
+        context = hit.text[: len(hit.text) - len(text)]
+        asked = [word for word in wanted if not grams(word) & grams(context)]
+        return not asked or any(_holds(word, text) for word in asked)
+    row = hit.row if hit.row is not None or hit.kind != "table" else _best_row(question, hit.text)
+    if not row or len(row) < 3:
+        return True
+    if any(_header_score(question, header, value) > 0 for header, value in list(row.items())[1:]):
+        return True
+    held = hit.text + "\n" + (hit.table_markdown or "")
+    return all(_holds(word, held) for word in wanted)
 
 
 def _overlap(question: str, text: str) -> float:

@@ -84,6 +84,13 @@ def terms(text: str) -> list[str]:
     return out
 
 
+def nouns(text: str) -> list[str]:
+    """The nouns of ``text`` (common and proper, two syllables or more) and its Latin words."""
+    with _kiwi_lock:
+        tokens = kiwi().tokenize(text)
+    return [t.form for t in tokens if t.tag in ("NNG", "NNP", "SL") and len(t.form) >= 2]
+
+
 def grams(text: str) -> set[str]:
     """Character bigrams of the Hangul runs of ``text`` (a lone syllable as itself), and whole
     Latin words and numbers."""
@@ -102,6 +109,7 @@ _NAME = re.compile(
     r"[가-힣]{1,12}(?:병원|의원|센터|도서관|대학교|재단|진흥원|공단|공사|협회|위원회|청)"
     r"|[가-힣]{1,3}(?:시|구|군|동)"
 )
+_PLACE = re.compile(r"[가-힣]{1,3}(?:시|구|군|동)")
 _PARTICLES = re.compile(r"(?:에서|에게|으로|부터|까지|에선|에는|이나|로|은|는|이|가|을|를|의|에|도|와|과|엔|랑)$")
 
 
@@ -110,10 +118,20 @@ def names(text: str) -> set[str]:
     out: set[str] = set()
     for word in re.findall(r"[가-힣]+", text):
         for form in (word, _PARTICLES.sub("", word)):
-            if len(form) >= 2 and _NAME.fullmatch(form):
+            if len(form) >= 2 and _NAME.fullmatch(form) and not _common_noun(form):
                 out.add(form)
                 break
     return out
+
+
+def _common_noun(form: str) -> bool:
+    """Whether a word shaped like a place ("...구", "...시", "...동") is a common noun the
+    dictionary knows instead: "인구", "총인구", "가구", "당시", "활동" (not "남구", "가온시")."""
+    if not _PLACE.fullmatch(form):
+        return False
+    with _kiwi_lock:
+        last = kiwi().tokenize(form)[-1]
+    return last.tag == "NNG" and not last.oov and len(last.form) >= 2 and form.endswith(last.form)
 
 
 def _initial(syllable: str) -> int:

@@ -82,3 +82,46 @@ def test_sources_name_each_table_once_and_weak_evidence_is_declined() -> None:
     reply = respond("대구광역시 인구는?", [weak])
     assert reply.declined and reply.text == NOT_FOUND and reply.hits == [weak]
     assert respond("anything", []).declined
+
+
+def test_a_row_that_holds_no_column_the_question_asks_for_is_declined() -> None:
+    fees = Table(["프로그램", "월 이용료(원)", "정원(명)", "운영 시간"], [["수영", "52,000", "40", "06:00~21:00"]])
+    swim = hit("row", "수영", row=dict(zip(fees.header, fees.rows[0], strict=True)), table=fees)
+    reply = respond("수영 강사의 이름은 무엇인가요?", [swim])  # the row of 수영, but no column of teachers
+    assert reply.declined and reply.text == NOT_FOUND
+    assert not respond("수영 정원 몇 명임?", [swim]).declined  # a column by the kind of value
+    assert not respond("수영 운영 시간 알려줘", [swim]).declined  # a column by a word of its header
+    assert not respond("수영은?", [swim]).declined  # asks nothing the row lacks: the whole row
+    pairs = Table(["항목", "내용"], [["신청 방법", "온라인 접수"]])
+    how = hit("row", "신청 방법", row=dict(zip(pairs.header, pairs.rows[0], strict=True)), table=pairs)
+    assert not respond("신청 방법 안내해 주세요", [how]).declined  # one value: the label is what is asked
+
+
+def test_a_passage_that_holds_the_question_only_in_its_context_lines_is_declined() -> None:
+    text = (
+        "가온시 여비 규정 | (2024. 3. 1. 개정)\n"
+        "제2조(출장 신청) 출장 5일 전까지 신청서를 제출하여야 한다. "
+        "제3조(정산) 출장을 마친 사람은 7일 이내에 여비를 정산하여야 한다."
+    )
+    passage = hit("text", text)
+    reply = respond("가온시 규정에서 육아휴직은 몇 년까지 쓸 수 있나요?", [passage])  # 가온시, 규정: the context line
+    assert reply.declined and reply.text == NOT_FOUND
+    assert respond("가온시 규정상 여비는 며칠 안에 정산하나요?", [passage]).text.startswith("제3조(정산)")
+    assert respond("가온시 규정상 출장 신천은 언제까지?", [passage]).text.startswith("제2조")  # a mistyped syllable
+
+
+def test_common_nouns_shaped_like_places_are_not_names() -> None:
+    from tablerag.chunking import names
+
+    assert names("2022년 가온시 대야동의 가구 수는?") == {"가온시", "대야동"}  # 가구: households
+    assert names("나래시 해안동 2023년 총인구 알려줘") == {"나래시", "해안동"}
+    assert names("당시 활동 인원") == set()
+    assert names("남구 배출 요일") == {"남구"}  # a district the dictionary knows
+    assert names("푸른솔시 인구") == {"푸른솔시"}  # one it does not
+
+
+def test_households_are_asked_as_가구_or_세대() -> None:
+    people = Table(["행정동", "인구(명) 계", "세대수"], [["대야동", "35,635", "16,765"]])
+    row = hit("row", "대야동", row=dict(zip(people.header, people.rows[0], strict=True)), table=people)
+    reply = respond("대야동의 가구 수는?", [row])
+    assert not reply.declined and reply.text.startswith("16,765")
