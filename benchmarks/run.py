@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -235,16 +236,74 @@ def _drive(n: int, seconds: float, call: Any) -> dict[str, Any]:
     }
 
 
-def _host_levels(plan: Plan, model: str) -> list[dict[str, Any]]:
+def _host_levels(plan: Plan, model: str, dtype: str = "float32") -> list[dict[str, Any]]:
     rows = []
-    with host(model) as sock:
+    with host(model, SHM_MODEL_DTYPE=dtype) as sock:
         client = HostClient(sock, timeout=120, pool_size=max(plan.levels))
         client.encode(_texts(8))
         for n in plan.levels:
             rows.append(_drive(n, plan.level_seconds, lambda k, i: client.encode([SENTENCES[(k + i) % 6]])))
-            progress(f"concurrency: host, {n} clients: {rows[-1]['throughput_rps']:.0f} req/s")
+            progress(f"concurrency: host {dtype}, {n} clients: {rows[-1]['throughput_rps']:.0f} req/s")
         client.close()
     return rows
+
+
+def _wait_http(port: int, path: str, proc: subprocess.Popen[Any], timeout: float, log: str) -> str | None:
+    """None once GET ``path`` answers 200, else why not (the process ended, or the time ran out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return None
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            lines = open(log, encoding="utf-8", errors="replace").read().strip().splitlines() if log else []
+            return lines[-1] if lines else f"exit {proc.returncode}"
+        time.sleep(0.2)
+
+
+def _http_levels(plan: Plan, model: str) -> dict[str, Any]:
+    """``POST /v1/embeddings`` through the API server (uvicorn) on a host, and the same host
+    through the client, at 1 and 16 clients: what the HTTP path adds."""
+    levels = [n for n in (1, 16) if n <= max(plan.levels)]
+    port = 17998
+    with host(model) as sock, tempfile.TemporaryDirectory(prefix="shm-bench-api-") as tmp:
+        log = os.path.join(tmp, "api.log")
+        env = bench_env(
+            SHM_MODEL_SOCKET=sock, SHM_MODEL_MODE="shared", API_PORT=str(port), RAG_DB=os.path.join(tmp, "rag.sqlite3")
+        )
+        with open(log, "w") as out:
+            proc = spawn([sys.executable, "-m", "api_server"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            problem = _wait_http(port, "/health/ready", proc, 300, log)
+            if problem:
+                return {"error": f"the API server did not start: {problem}"}
+            local = threading.local()
+
+            def call(k: int, i: int) -> None:
+                if not hasattr(local, "conn"):
+                    local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                body = json.dumps({"input": [SENTENCES[(k + i) % 6]]})
+                local.conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+                response = local.conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+
+            http_rows = []
+            for n in levels:
+                http_rows.append(_drive(n, plan.level_seconds, call))
+                progress(f"concurrency: /v1/embeddings, {n} clients: {http_rows[-1]['throughput_rps']:.0f} req/s")
+        finally:
+            end(proc)
+        client = HostClient(sock, timeout=120, pool_size=max(levels))
+        encode = lambda k, i: client.encode([SENTENCES[(k + i) % 6]])  # noqa: E731
+        client_rows = [_drive(n, plan.level_seconds, encode) for n in levels]
+        client.close()
+    return {"http": http_rows, "client": client_rows}
 
 
 def _naive_levels(plan: Plan, model: str) -> list[dict[str, Any]]:
@@ -415,7 +474,12 @@ def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
 
 
 def bench_concurrency(plan: Plan, name: str, model: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"host": _host_levels(plan, model), "naive": _naive_levels(plan, model)}
+    out: dict[str, Any] = {
+        "host": _host_levels(plan, model),
+        "host_int8": _host_levels(plan, model, "int8"),
+        "naive": _naive_levels(plan, model),
+        "http": _http_levels(plan, model),
+    }
     count = plan.pool_sentences // BULK_DIVISOR.get(name, 1)
     out["st_pool"] = _st_pool(plan, model, count)
     out["host_bulk"] = _host_bulk(model, count)
@@ -446,7 +510,10 @@ def bench_transport(plan: Plan) -> dict[str, Any]:
 
 
 def _md_concurrency(c: dict[str, Any]) -> str:
-    systems = [("host (dynamic batching)", c["host"]), ("one model per process", c["naive"])]
+    systems = [("host (dynamic batching)", c["host"])]
+    if "host_int8" in c:
+        systems.append(("host, SHM_MODEL_DTYPE=int8", c["host_int8"]))
+    systems.append(("one model per process", c["naive"]))
     if "levels" in c["infinity"]:
         systems.append((f"infinity-emb {c['infinity'].get('version', '')}", c["infinity"]["levels"]))
     lines = ["| system | clients | req/s | p50 (ms) | p99 (ms) | errors |", "|---|---:|---:|---:|---:|---:|"]
@@ -467,7 +534,51 @@ def _md_concurrency(c: dict[str, Any]) -> str:
         lines.append(
             f"\nOne input of {pool['sentences']} sentences: sentence-transformers' multi-process pool "
             f"{pool['throughput_sentences_per_s']:,.0f} sentences/s, the host "
-            f"{bulk['throughput_sentences_per_s']:,.0f} sentences/s."
+            f"{bulk['throughput_sentences_per_s']:,.0f} sentences/s "
+            f"({bulk['throughput_sentences_per_s'] / pool['throughput_sentences_per_s']:.2f}x)."
+        )
+    lines += ["", _md_ratios(c), "", _md_http(c.get("http"))]
+    return "\n".join(lines)
+
+
+def _by_clients(rows: list[dict[str, Any]] | None) -> dict[int, dict[str, Any]]:
+    return {r["clients"]: r for r in rows or []}
+
+
+def _md_ratios(c: dict[str, Any]) -> str:
+    """Ratios at each level, measured in this run: req/s, and p50/p99 against infinity-emb's."""
+    host_rows, int8 = _by_clients(c["host"]), _by_clients(c.get("host_int8"))
+    naive, inf = _by_clients(c["naive"]), _by_clients(c["infinity"].get("levels"))
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "throughput_rps") -> str:
+        return f"{a[key] / b[key]:.2f}" if a and b and b[key] else "-"
+
+    lines = [
+        "| clients | host / one model per process (req/s) | host / infinity-emb (req/s) | "
+        "host / infinity-emb (p50) | host / infinity-emb (p99) | int8 / float32 (req/s) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, r in host_rows.items():
+        lines.append(
+            f"| {n} | {ratio(r, naive.get(n))} | {ratio(r, inf.get(n))} | {ratio(r, inf.get(n), 'p50_ms')} | "
+            f"{ratio(r, inf.get(n), 'p99_ms')} | {ratio(int8.get(n), r)} |"
+        )
+    return "\n".join(lines)
+
+
+def _md_http(h: dict[str, Any] | None) -> str:
+    if not h:
+        return ""
+    if "error" in h:
+        return f"/v1/embeddings: {h['error']}"
+    lines = [
+        "| clients | client req/s | /v1/embeddings req/s | HTTP / client | client p50 (ms) | /v1/embeddings p50 (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, r in zip(h["client"], h["http"], strict=True):
+        lines.append(
+            f"| {c['clients']} | {c['throughput_rps']:,.0f} | {r['throughput_rps']:,.0f} | "
+            f"{r['throughput_rps'] / c['throughput_rps']:.2f} | {c['p50_ms']:.1f} | {r['p50_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -526,7 +637,10 @@ def plot(results: dict[str, Any], path: str) -> str | None:
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
     for row, model in enumerate(models):
         c = results["models"][model]["concurrency"]
-        series = [("host", c["host"]), ("one model per process", c["naive"])]
+        series = [("host", c["host"])]
+        if "host_int8" in c:
+            series.append(("host, int8", c["host_int8"]))
+        series.append(("one model per process", c["naive"]))
         if "levels" in c["infinity"]:
             series.append(("infinity-emb", c["infinity"]["levels"]))
         for name, rows in series:

@@ -560,7 +560,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s(
         "API_ROUTE_CONCURRENCY",
         "route_concurrency",
-        "8",
+        "32",
         "model calls in progress per route (/v1/embeddings, /embed, /tokenize, /search, /chat); beyond: 429",
         integer(1),
         "api",

@@ -40,14 +40,19 @@ def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
     assert [o["batch_size"] for o in bundled["overhead"]] == [1, 8]
     assert all(o["in_process_ms"] > 0 and o["host_ms"] > 0 for o in bundled["overhead"])
     concurrency = bundled["concurrency"]
-    for system in ("host", "naive"):
+    for system in ("host", "host_int8", "naive"):
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in concurrency[system])
+    http = concurrency["http"]
+    assert [r["clients"] for r in http["http"]] == [r["clients"] for r in http["client"]] == [1]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in http["http"] + http["client"])
     assert concurrency["st_pool"]["throughput_sentences_per_s"] > 0
     assert concurrency["host_bulk"]["throughput_sentences_per_s"] > 0
     assert concurrency["infinity"] == {"error": "skipped in this mode"}
     assert results["transport"]["ping"]["p50_us"] > 0
     report = (tmp_path / "tiny.md").read_text()
     assert "### Memory" in report and "| host (dynamic batching) | 2 |" in report
+    assert "| host, SHM_MODEL_DTYPE=int8 | 2 |" in report and "| int8 / float32 (req/s) |" in report
+    assert "/v1/embeddings req/s" in report
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
     assert "ending every process" not in proc.stderr
 
