@@ -46,7 +46,7 @@ class ApiConfig:
     header_timeout: float = 10.0
     keep_alive: int = 5
     limit_concurrency: int = 2048
-    route_concurrency: int = 8
+    route_concurrency: int = 32
     job_timeout: float = 600.0
     job_workers: int = 1
     job_queue: int = 16
