@@ -95,6 +95,7 @@ class HostConfig:
     bulk_batch_ms: int = 250
     bulk_share: float = 0.2
     pause_bulk: bool = True
+    outside_load: bool = True
     dtype: str = "float32"
     weights: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024

@@ -257,6 +257,15 @@ SETTINGS: tuple[Setting, ...] = (
         "host",
     ),
     _s(
+        "SHM_MODEL_OUTSIDE_LOAD",
+        "outside_load",
+        "true",
+        "give a batch only the cores other processes leave free (read from /proc/stat every 0.2 s; "
+        "threads on auto): two threads beside a busy process wait for each other at every step",
+        BOOL,
+        "host",
+    ),
+    _s(
         "SHM_MODEL_PAUSE_BULK",
         "pause_bulk",
         "true",

@@ -206,6 +206,12 @@ class CoreShare:
         self.fair = max(1, cores // max(1, workers))
         self.window = window
         self.busy_until = float("-inf")
+        #: Cores other processes keep busy (``host.cpuload``): a batch is given no more threads
+        #: than the cores left, but always one, as a thread of its own waits for no other.
+        self.outside = 0
+
+    def _room(self, threads: int, held: int) -> int:
+        return min(threads, max(1, self.cores - held - self.outside)) if threads > 0 else threads
 
     def threads(self, now: float, held: int, busy_workers: int, idle_workers: int, waiting_pieces: int) -> int:
         """Threads for the next interactive batch (0: wait for a core).
@@ -216,16 +222,16 @@ class CoreShare:
         if busy_workers:  # interactive batches overlap; cores held by bulk work do not count
             self.busy_until = now + self.window
         threads = share_cores(free, idle_workers, waiting_pieces)
-        return min(threads, self.fair) if now < self.busy_until else threads
+        return self._room(min(threads, self.fair) if now < self.busy_until else threads, held)
 
     def bulk(self, held: int, bulk_running: bool) -> int:
         """Threads for the next bulk batch: every free core, and none while another bulk batch runs."""
-        return 0 if bulk_running else max(0, self.cores - held)
+        return 0 if bulk_running else self._room(max(0, self.cores - held), held)
 
     def last(self, now: float, held: int) -> int:
         """Threads for a batch after which nothing waits: every free core while the host is quiet."""
         free = max(1, self.cores - held)
-        return min(free, self.fair) if now < self.busy_until else free
+        return self._room(min(free, self.fair) if now < self.busy_until else free, held)
 
 
 class _ClassQueue:

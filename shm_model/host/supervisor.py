@@ -36,6 +36,7 @@ from config.model_config import HostConfig, ModelConfig
 from shm_model.errors import HostUnavailable, InternalError, PermissionDenied, ShmModelError
 from shm_model.host import reports
 from shm_model.host.connections import Connection, Connections
+from shm_model.host.cpuload import INTERVAL, OutsideLoad
 from shm_model.host.dispatch import Dispatcher
 from shm_model.host.pool import ProcessSpawner, WorkerHandle, WorkerPool, WorkerState
 from shm_model.host.rundir import RunDirectory
@@ -107,6 +108,7 @@ class Supervisor:
         self._threads = 1
         self._meta: dict[str, Any] = {}
         self._stopping = False
+        self.outside: OutsideLoad | None = None  # other processes' load on our cores (threads on auto)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.base_events.Server | None = None
         self._changed: asyncio.Event | None = None
@@ -279,6 +281,8 @@ class Supervisor:
             await self.pool.stop()
             return WORKER_BOOT_ERROR
         self._background(self._watch_memory())
+        if self._dynamic_threads() and self.cfg.outside_load:
+            self._background(self._watch_cpu())
         listen = self.rundir.bind()
         self._server = await asyncio.start_unix_server(self.connections.handle, sock=listen, limit=1 << 16)
         log.info(
@@ -298,6 +302,24 @@ class Supervisor:
 
     def _pids(self) -> list[int]:
         return [os.getpid(), *self.pool.workers]
+
+    async def _watch_cpu(self) -> None:
+        """Read the other processes' load on the host's cores every INTERVAL; batches get no
+        thread on a core they keep busy (``cpuload``)."""
+        loop = asyncio.get_running_loop()
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # not Linux
+            return
+        self.outside = OutsideLoad(cpus)
+        while not self._stopping:
+            try:
+                self.outside.sample(loop.time(), self._pids())
+            except (OSError, ValueError, IndexError) as exc:  # no /proc: batches get every free core
+                log.warning("cannot read the CPU load of other processes (%s); not taking it into account", exc)
+                return
+            self.dispatcher.core_share.outside = self.outside.cores()
+            await asyncio.sleep(INTERVAL)
 
     async def _watch_memory(self) -> None:
         """Look at memory every SHM_MODEL_PRESSURE_INTERVAL (off the loop) and run with the capacity it allows."""
@@ -393,6 +415,7 @@ class Supervisor:
             "start_method": self._start_method,
             "threads_per_worker": "auto" if self._dynamic_threads() else self._threads,
             "cores": self._cores,
+            "outside_busy_cores": round(self.outside.busy, 2) if self.outside else None,
             "socket": self.socket_path,
             "uptime_s": round(time.time() - self.started, 3),
             "queue_depth": self.dispatcher.scheduler.queued_pieces(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -43,7 +45,10 @@ def test_a_query_is_not_stuck_behind_bulk_work(host_factory) -> None:
 def test_a_query_borrows_the_cores_of_a_long_bulk_text(host_factory, pause: str) -> None:
     """One bulk text that runs for seconds on every core: with SHM_MODEL_PAUSE_BULK the query
     is answered while it waits between two steps (layers), else after it."""
-    host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="2", SHM_MODEL_PAUSE_BULK=pause)
+    # Every core, whatever else runs on this machine: the thread count alone is under test.
+    host = host_factory(
+        SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="2", SHM_MODEL_PAUSE_BULK=pause, SHM_MODEL_OUTSIDE_LOAD="false"
+    )
     bulk = host.client(timeout=60)
     done = threading.Event()
     worker = threading.Thread(target=lambda: (bulk.encode(["__sleep__:3"], priority="bulk"), done.set()))
@@ -62,7 +67,7 @@ def test_a_query_borrows_the_cores_of_a_long_bulk_text(host_factory, pause: str)
 
 def test_a_lone_batch_gets_every_core_and_busy_workers_never_share_one(host_factory) -> None:
     cores = len(os.sched_getaffinity(0))
-    host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="2")
+    host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="2", SHM_MODEL_OUTSIDE_LOAD="false")
     client = host.client(timeout=30)
     assert client.encode("__threads__")[0] == cores
     # Several requests at once: no batch may run on a core another batch holds.
@@ -85,6 +90,22 @@ def test_a_lone_batch_gets_every_core_and_busy_workers_never_share_one(host_fact
         t.join(30)
     assert len(results) == 4 and all(1 <= r <= cores for r in results)
     assert seen_busy_threads >= 1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_lone_batch_leaves_the_core_a_busy_process_holds(host_factory) -> None:
+    cores = len(os.sched_getaffinity(0))
+    host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="2")
+    client = host.client(timeout=30)
+    assert host.status()["outside_busy_cores"] is not None
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        poll(lambda: client.encode("__threads__")[0] == cores - 1, 15, interval=0.1, what="a thread fewer")
+        assert host.status()["outside_busy_cores"] >= 0.5
+    finally:
+        busy.kill()
+        busy.wait(10)
+    poll(lambda: client.encode("__threads__")[0] == cores, 15, interval=0.1, what="every core again")
 
 
 def test_fixed_threads_are_kept(host_factory) -> None:
