@@ -265,6 +265,24 @@ def _wait_http(port: int, path: str, proc: subprocess.Popen[Any], timeout: float
         time.sleep(0.2)
 
 
+def _embeddings_caller(port: int, path: str, fields: dict[str, Any]) -> Any:
+    """``call(client, i)`` for ``_drive``: one sentence to an OpenAI-style embeddings route, one
+    keep-alive connection per client thread."""
+    local = threading.local()
+
+    def call(k: int, i: int) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        body = json.dumps({**fields, "input": [SENTENCES[(k + i) % 6]]})
+        local.conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = local.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+
+    return call
+
+
 def _http_levels(plan: Plan, model: str) -> dict[str, Any]:
     """``POST /v1/embeddings`` through the API server (uvicorn) on a host, and the same host
     through the client, at 1 and 16 clients: what the HTTP path adds."""
@@ -281,18 +299,7 @@ def _http_levels(plan: Plan, model: str) -> dict[str, Any]:
             problem = _wait_http(port, "/health/ready", proc, 300, log)
             if problem:
                 return {"error": f"the API server did not start: {problem}"}
-            local = threading.local()
-
-            def call(k: int, i: int) -> None:
-                if not hasattr(local, "conn"):
-                    local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                body = json.dumps({"input": [SENTENCES[(k + i) % 6]]})
-                local.conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
-                response = local.conn.getresponse()
-                data = response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
-
+            call = _embeddings_caller(port, "/v1/embeddings", {})
             http_rows = []
             for n in levels:
                 http_rows.append(_drive(n, plan.level_seconds, call))
@@ -412,52 +419,16 @@ def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
         return {"error": problem}
     location = model_location(model)
     port = 17997
-    proc = spawn(
-        [
-            binary,
-            "v2",
-            "--model-id",
-            location,
-            "--port",
-            str(port),
-            "--engine",
-            "torch",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "32",
-        ],
-        env=bench_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = [binary, "v2", "--model-id", location, "--port", str(port), "--engine", "torch", "--device", "cpu"]
+    args += ["--batch-size", "32"]
+    log = tempfile.NamedTemporaryFile(prefix="shm-bench-infinity-", suffix=".log", delete=False)
+    with log:
+        proc = spawn(args, env=bench_env(), stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read() if proc.stderr else ""
-                return {"error": f"infinity did not start: {err.strip().splitlines()[-1] if err.strip() else ''}"}
-            time.sleep(0.5)
-        local = threading.local()
-
-        def call(k: int, i: int) -> None:
-            if not hasattr(local, "conn"):
-                local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            body = json.dumps({"model": location, "input": [SENTENCES[(k + i) % 6]]})
-            local.conn.request("POST", "/embeddings", body, {"Content-Type": "application/json"})
-            response = local.conn.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
-
+        problem = _wait_http(port, "/health", proc, 600, log.name)
+        if problem:
+            return {"error": f"infinity did not start: {problem}"}
+        call = _embeddings_caller(port, "/embeddings", {"model": location})
         rows = []
         for n in plan.levels:
             rows.append(_drive(n, plan.level_seconds, call))
@@ -471,6 +442,7 @@ def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
         return {"version": version, "levels": rows}
     finally:
         end(proc)
+        os.unlink(log.name)
 
 
 def bench_concurrency(plan: Plan, name: str, model: str) -> dict[str, Any]:
