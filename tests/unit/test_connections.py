@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def test_frames_reach_the_handler_and_closing_is_reported(sock_path: str) -> Non
     run(test)
 
 
-def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str) -> None:
+def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
     async def test() -> None:
         async with Server(sock_path, max_connections=1) as s:
             _, w1 = await s.client()
@@ -117,13 +118,14 @@ def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str) -> Non
             assert await asyncio.wait_for(r2.read(), DEADLINE) == b""
             assert s.counters["errors_overloaded"] == 1
             assert len(s.conns.open) == 1
+            assert f"refused a connection from uid {os.getuid()} (pid {os.getpid()}): 1 open" in caplog.messages
 
     run(test)
 
 
-def test_a_peer_of_another_uid_is_refused_unless_allowed(sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
+def test_a_peer_of_another_uid_is_refused_unless_allowed(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     me = os.getuid()
     monkeypatch.setattr(connections_module.os, "getuid", lambda: me + 1)
 
@@ -135,6 +137,7 @@ def test_a_peer_of_another_uid_is_refused_unless_allowed(sock_path: str, monkeyp
             assert header["error"]["message"] == f"uid {me} may not use this host"
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
             assert s.counters["refused"] == 1 and s.closed == []
+            assert caplog.messages == [f"refused a connection from uid {me} (pid {os.getpid()})"]
         async with Server(sock_path, allowed_uids=[me]) as s:
             _, writer = await s.client()
             writer.write(pack({"id": 1}))
@@ -189,7 +192,7 @@ def test_a_frame_cut_short_ends_the_connection_quietly(sock_path: str) -> None:
     run(test)
 
 
-def test_a_frame_not_finished_in_time_drops_the_client(sock_path: str) -> None:
+def test_a_frame_not_finished_in_time_drops_the_client(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
     async def test() -> None:
         async with Server(sock_path, frame_timeout=0.1) as s:
             reader, writer = await s.client()
@@ -201,6 +204,7 @@ def test_a_frame_not_finished_in_time_drops_the_client(sock_path: str) -> None:
                 "details": {},
             }
             assert s.counters["frame_timeouts"] == 1
+            assert f"client (uid {os.getuid()}) did not finish a frame in 0.1s; disconnecting it" in caplog.messages
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
             _, idle = await s.client()  # idle between frames: no timeout
             await asyncio.sleep(0.3)
