@@ -318,6 +318,32 @@ def test_info_names_the_model_and_this_process() -> None:
     assert reports.info({"prompts": {"q": "q: "}}, 0)["prompts"] == {"q": "q: "}
 
 
+def test_info_lists_every_served_model_the_first_being_the_default() -> None:
+    first = {"model": "a", "alias": "small", "dimension": 8, "dtype": "float32", "prompts": {"q": "q: "}, "x": 1}
+    second = {"model": "b", "alias": "large", "dimension": 16, "device": "cpu"}
+    meta = {**first, "models": [first, second]}
+    out = reports.info(meta, 1)
+    assert (out["model"], out["dimension"], out["prompts"]) == ("a", 8, {"q": "q: "})
+    assert [m["model"] for m in out["models"]] == ["a", "b"]
+    assert out["models"][1] == {
+        "model": "b",
+        "model_path": None,
+        "alias": "large",
+        "dimension": 16,
+        "max_seq_length": None,
+        "device": "cpu",
+        "dtype": None,
+        "prompts": None,
+    }
+    assert out["models"][0]["dtype"] == "float32" and "x" not in out["models"][0]
+
+
+def test_a_worker_whose_batch_is_paused_says_so() -> None:
+    paused = Worker(4, WorkerState.BUSY, time.time())
+    paused.paused_since = 12.0
+    assert reports.worker_rows([paused])[0]["paused"] is True
+
+
 def test_worker_rows_are_sorted_by_pid() -> None:
     now = time.time()
     rows = reports.worker_rows([Worker(9, WorkerState.BUSY, now - 10), Worker(3, WorkerState.IDLE, now - 1)])
