@@ -32,6 +32,7 @@ from shm_model.manager import (
     _open_private,
     get_model_with_fallback,
 )
+from shm_model.pressure import DEGRADED_KINDS
 from shm_model.protocol import error_reply, result_reply
 from tests.conftest import poll
 from tests.unit.fakehost import FakeHost, default_respond
@@ -435,6 +436,39 @@ def test_the_host_s_status_and_its_gauges(make: Callable[..., ModelManager], hos
     assert host.headers[-1]["op"] == "status" and host.headers[-1]["timeout_ms"] <= 2000
     assert m.host_status() == HOST_STATUS
     assert make("local").host_status() is None
+
+
+def test_the_host_s_health_memory_and_restarts_become_gauges(
+    make: Callable[..., ModelManager], start: Callable[..., FakeHost]
+) -> None:
+    degraded = {
+        **HOST_STATUS,
+        "queue": {"bulk": {"requests": 4, "wait_ms": {"p50": None, "p99": 1500.0}}},
+        "health": {"status": "degraded", "reasons": {"memory_pressure": "little headroom", "latency": "slow"}},
+        "memory_pressure": {"headroom": 3 * 2**30, "ceiling": 8 * 2**30, "psi_some_avg10": 12.5},
+        "restarts": {"oom_kill": 2, "crash": 1},
+    }
+    host = start(lambda h: result_reply(h["id"], degraded))
+    m = make("shared", socket=host.path)
+    assert m.get_status().is_loaded
+    assert sample("shm_model_host_up") == 1
+    assert sample("shm_model_host_queue_waiting", {"priority": "bulk"}) == 4
+    assert sample("shm_model_host_queue_wait_seconds", {"priority": "bulk", "quantile": "0.99"}) == 1.5
+    degraded_by = {kind: sample("shm_model_host_degraded", {"reason": kind}) for kind in DEGRADED_KINDS}
+    assert degraded_by == {"memory_pressure": 1, "workers_below_target": 0, "error_rate": 0, "latency": 1}
+    assert sample("shm_model_host_memory_headroom_bytes") == 3 * 2**30
+    assert sample("shm_model_host_memory_ceiling_bytes") == 8 * 2**30
+    assert sample("shm_model_host_memory_psi") == 12.5
+    assert sample("shm_model_host_worker_restarts_total", {"cause": "oom_kill"}) == 2
+    assert sample("shm_model_host_worker_restarts_total", {"cause": "crash"}) == 1
+    host.close()
+    assert m.host_status() is None
+    assert sample("shm_model_host_up") == 0
+    healthy = start(lambda h: result_reply(h["id"], {**HOST_STATUS, "health": {"status": "ok"}}), name="ok.sock")
+    make("shared", socket=healthy.path).get_status()
+    assert [sample("shm_model_host_degraded", {"reason": kind}) for kind in DEGRADED_KINDS] == [0, 0, 0, 0]
+    assert sample("shm_model_host_memory_headroom_bytes") == 0 and sample("shm_model_host_memory_psi") == 0
+    assert metrics.REGISTRY.get_sample_value("shm_model_host_worker_restarts_total", {"cause": "oom_kill"}) is None
 
 
 def test_a_bare_host_status(make: Callable[..., ModelManager], start: Callable[..., FakeHost]) -> None:
