@@ -498,12 +498,13 @@ def test_the_process_spawner_waits_for_and_reaps_its_children() -> None:
     pid = os.fork()
     if pid == 0:
         os._exit(7)
+    spawner._popen[pid] = None  # type: ignore[assignment]
     deadline = time.monotonic() + DEADLINE
     reaped: list[tuple[int, int]] = []
     while not reaped and time.monotonic() < deadline:
         reaped = list(spawner.reap())
         time.sleep(0.005)
-    assert reaped == [(pid, 7)]
+    assert reaped == [(pid, 7)] and pid not in spawner._popen
     spawner.signal(pid, signal.SIGTERM)  # a pid that is gone is no error
 
 
@@ -651,6 +652,43 @@ def test_a_smaller_pool_retires_only_the_idle_workers_beyond_its_size() -> None:
         host.pool.respawn_deferred()  # the pool is full at its new size: nothing starts
         await asyncio.sleep(0.02)
         assert host.spawner.started == 3 and host.states() == ["idle"]
+        await host.close()
+
+    run(body())
+
+
+class RecordingSpawner(FakeSpawner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, Any]] = []
+
+    async def start(self, generation: int, backend: Any) -> Any:
+        self.asked.append((generation, backend))
+        return await super().start(generation, backend)
+
+
+def test_a_new_generation_s_workers_are_started_as_that_generation_and_counted_apart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "shm_model.host.pool")
+
+    async def body() -> None:
+        spawner = RecordingSpawner()
+        host = Host(size=1, spawner=spawner)
+        await host.start()
+        (old,) = host.pool.workers.values()
+        old.assign([], 1, "bulk")
+        (meta,) = await host.pool.start_generation(1, "model-1")
+        assert meta == META
+        (new,) = [w for w in host.pool.workers.values() if w is not old]
+        host.pool.adopt(1, "model-1")
+        assert spawner.asked == [(0, None), (1, "model-1")]
+        assert f"started worker {new.pid} (generation 1)" in caplog.messages
+        assert host.pool.live() == [new] and host.pool.live(1) == [new]
+        assert host.pool.live(0) == [old]  # busy: retired after its batch
+        host.pool.batch_done(old)
+        await until(lambda: old.pid not in host.pool.workers, "the old worker to go")
+        assert host.pool.live(0) == [] and host.pool.live(1) == [new]
         await host.close()
 
     run(body())
