@@ -3,6 +3,7 @@ metrics and starting a host on demand, against a scripted host and a small fake 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from shm_model.errors import (
     BadRequest,
     HostUnavailable,
     ModelLoadError,
+    ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
@@ -238,6 +240,26 @@ def test_local_encode_takes_the_host_s_arguments(make: Callable[..., ModelManage
     assert info.value.details == {"index": 1, "tokens": 9, "limit": 8}
     assert model.encode([], return_usage=True)[1] == 0
     assert backend.token_calls[-1] != ([], None)  # nothing to count for no text
+
+
+def test_the_local_fallback_serves_only_the_first_model_by_its_alias_or_name(
+    make: Callable[..., ModelManager],
+) -> None:
+    m = make("local")
+    m.model_config = ModelConfig(name="small,large")
+    model = m.get_model()
+    backend = m._local
+    backend.name = "org/small-model"
+    for name in ("small", "org/small-model", None):
+        assert model.encode(["ab"], model=name).shape == (1, 4)
+        assert backend.model.calls[-1] == (["ab"], {})  # the model is chosen here, not passed on
+    with pytest.raises(ModelNotFound) as info:
+        model.encode(["ab"], model="large")
+    assert str(info.value) == (
+        "model 'large' is not loaded in this process (only org/small-model: the local fallback serves the "
+        "first model of MODEL_NAME)"
+    )
+    assert info.value.details == {"model": "large"}
 
 
 def test_local_encode_checks_truncate_dim_and_shapes_an_empty_input_like_the_host(
@@ -575,8 +597,11 @@ def popen(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakePopen]]:
 
 
 def test_autostart_starts_one_host_on_the_socket(
-    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    import subprocess
+
+    caplog.set_level(logging.INFO, "shm_model.manager")
     socket_path = str(tmp_path / "new" / "host.sock")
     m = make("shared", socket=socket_path, autostart=True)
     assert m.get_model().encode(["a"]).shape == (1, 3)
@@ -585,6 +610,10 @@ def test_autostart_starts_one_host_on_the_socket(
     assert proc.argv[1:] == ["-m", "shm_model", "serve"]
     assert proc.kwargs["start_new_session"] is True
     assert proc.kwargs["env"]["SHM_MODEL_SOCKET"] == socket_path
+    assert proc.kwargs["env"]["PATH"] == os.environ["PATH"]  # the rest of this process's environment
+    assert proc.kwargs["stdin"] is subprocess.DEVNULL and proc.kwargs["stderr"] is subprocess.STDOUT
+    log_path = tmp_path / "new" / "host.log"
+    assert f"starting a model host on {socket_path} (log: {log_path})" in caplog.messages
     assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o700
     for name in ("host.sock.start", "host.log"):
         st = os.stat(tmp_path / "new" / name)
