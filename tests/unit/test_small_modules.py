@@ -71,11 +71,13 @@ def test_smaps_breakdown_sums_private_pages_per_kind(monkeypatch: pytest.MonkeyP
         "VmFlags: rd ex mr mw me\n"
         "7f40-7f50 rw-p 00000000 00:00 0 [heap]\n"
         "Private_Dirty:         5 kB\n"
+        "7f50-7f60 r--p 00000000 08:01 4 /models/my model/model.safetensors\n"
+        "Private_Clean:         6 kB\n"
     )
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(smaps if path == "/proc/7/smaps" else path))
     assert smaps_breakdown(7) == {
-        "weight-file": {"private_clean": 4096, "private_dirty": 0},
+        "weight-file": {"private_clean": 4096 + 6144, "private_dirty": 0},  # a path with a space too
         "heap-and-anon": {"private_clean": 1024, "private_dirty": 13 * 1024},
         "shm": {"private_clean": 0, "private_dirty": 2048},
         "code-and-files": {"private_clean": 3072, "private_dirty": 0},
