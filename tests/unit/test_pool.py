@@ -28,6 +28,7 @@ from shm_model.host.pool import (
     WorkerState,
     describe_exit,
 )
+from shm_model.protocol import pack
 from tests.unit.host_fakes import META, Events, FakeConnection, FakeSpawner
 
 DEADLINE = 5.0  # seconds any in-process test may wait for a state
@@ -689,6 +690,35 @@ def test_a_new_generation_s_workers_are_started_as_that_generation_and_counted_a
         host.pool.batch_done(old)
         await until(lambda: old.pid not in host.pool.workers, "the old worker to go")
         assert host.pool.live(0) == [] and host.pool.live(1) == [new]
+        await host.close()
+
+    run(body())
+
+
+class WrongHelloSpawner(FakeSpawner):
+    """Workers whose first frame is not a proper ``ready``."""
+
+    def __init__(self, hello: dict[str, Any]) -> None:
+        super().__init__()
+        self.hello = hello
+
+    async def _run(self, pid: int, child: Any, boot: bool) -> None:
+        _, writer = await asyncio.open_unix_connection(sock=child)
+        writer.write(pack(self.hello))
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("hello", [{"op": "ready"}, {"op": "hello", "backend": META}, {"backend": META}])
+def test_a_worker_whose_first_frame_is_not_ready_with_its_model_fails_to_boot(
+    caplog: pytest.LogCaptureFixture, hello: dict[str, Any]
+) -> None:
+    async def body() -> None:
+        host = Host(size=1, spawner=WrongHelloSpawner(hello))
+        with pytest.raises(InternalError):
+            await host.start()
+        first = 1000
+        assert host.pool.boot_failures >= 1 and first in host.spawner.sent(signal.SIGKILL)
+        assert f"worker {first} failed to boot: worker {first} sent {hello!r} instead of ready" in caplog.messages
         await host.close()
 
     run(body())
