@@ -178,7 +178,9 @@ def test_local_mode_loads_once_and_encodes_in_process(make: Callable[..., ModelM
     assert host.headers == []  # local mode never asks the host
 
 
-def test_auto_mode_falls_back_when_the_host_goes_away(make: Callable[..., ModelManager], host: FakeHost) -> None:
+def test_auto_mode_falls_back_when_the_host_goes_away(
+    make: Callable[..., ModelManager], host: FakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
     m = make("auto")
     assert m.get_model().encode(["a"]).shape == (1, 3)
     assert m._model.path == "shared"
@@ -189,6 +191,13 @@ def test_auto_mode_falls_back_when_the_host_goes_away(make: Callable[..., ModelM
     assert m._model.path == "local"
     assert sample("shm_model_fallbacks_total") == fallbacks + 1
     assert m.is_model_loaded()
+    served = sample("shm_model_requests_total", {"op": "encode", "path": "local"})
+    timed = sample("shm_model_request_seconds_count", {"op": "encode", "path": "local"})
+    m._model.encode(["b"])  # still no host: served here again, without a second warning
+    assert sample("shm_model_requests_total", {"op": "encode", "path": "local"}) == served + 1
+    assert sample("shm_model_request_seconds_count", {"op": "encode", "path": "local"}) == timed + 1
+    went_away = "the model host went away; serving from a model in this process"
+    assert [r.levelname for r in caplog.records if r.getMessage() == went_away] == ["WARNING"]
 
 
 def test_auto_mode_without_a_host_loads_locally(make: Callable[..., ModelManager]) -> None:
@@ -354,7 +363,10 @@ def test_a_load_error_that_is_not_typed_becomes_model_load_error(make: Callable[
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(make: Callable[..., ModelManager]) -> None:
+def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(
+    make: Callable[..., ModelManager], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "shm_model.manager")
     m = make("local")
     devices: list[str] = []
 
@@ -367,6 +379,11 @@ def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(make:
     m._make_backend = oom_on_cuda
     assert m._ensure_local().device == "cpu"
     assert devices == ["auto", "cpu"]
+    assert caplog.messages == [
+        "out of GPU memory loading local-model; loading it on the CPU instead",
+        "loaded local-model in this process on cpu in 0.25s",
+    ]
+    assert sample("shm_model_load_seconds", {"path": "local"}) == 0.25
     m2 = make("local")
     m2.model_config = ModelConfig(name="x", device="cuda")
     m2._make_backend = oom_on_cuda
@@ -414,7 +431,10 @@ def test_reload_goes_to_the_host_or_reloads_locally(make: Callable[..., ModelMan
     assert local.get_status().error_message is None
 
 
-def test_a_failed_reload_keeps_the_model_and_says_why(make: Callable[..., ModelManager]) -> None:
+def test_a_failed_reload_keeps_the_model_and_says_why(
+    make: Callable[..., ModelManager], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "shm_model.manager")
     m = make("shared")
     before = sample("shm_model_errors_total", {"type": "host_unavailable"})
     assert m.reload_model() is False
@@ -426,10 +446,12 @@ def test_a_failed_reload_keeps_the_model_and_says_why(make: Callable[..., ModelM
     local._make_backend = lambda cfg: (_ for _ in ()).throw(ModelLoadError("gone"))
     assert local.reload_model() is False
     assert local._local is kept
+    assert caplog.messages[-1] == "model reload failed: gone"
     status = local.get_status()
     assert status.is_loaded and status.error_message == "gone"
     local._make_backend = lambda cfg: LocalBackend()
     assert local.reload_model() is True and local.get_status().error_message is None
+    assert caplog.messages[-1] == "model reloaded"
 
 
 def test_the_host_s_status_and_its_gauges(make: Callable[..., ModelManager], host: FakeHost) -> None:
@@ -540,7 +562,9 @@ def test_statuses_without_a_host(make: Callable[..., ModelManager], monkeypatch:
 # --- the singleton ------------------------------------------------------------------------------------
 
 
-def test_the_singleton_and_the_seed_helpers(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
+def test_the_singleton_and_the_seed_helpers(
+    monkeypatch: pytest.MonkeyPatch, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("SHM_MODEL_SOCKET", str(run_dir / "none.sock"))
     monkeypatch.setenv("SHM_MODEL_MODE", "shared")
     ModelManager.reset_instance()
@@ -553,6 +577,9 @@ def test_the_singleton_and_the_seed_helpers(monkeypatch: pytest.MonkeyPatch, run
             ModelManager.get_model()  # on the class: the singleton's
         fallbacks = sample("shm_model_fallbacks_total")
         assert get_model_with_fallback() is first._local.model
+        (warning,) = [r for r in caplog.records if r.name == "shm_model.manager" and r.levelname == "WARNING"]
+        assert warning.getMessage().startswith("shared model failed: no host is serving")
+        assert warning.getMessage().endswith("; falling back to a model in this process")
         assert sample("shm_model_fallbacks_total") == fallbacks + 1
         closed: list[int] = []
         monkeypatch.setattr(first._client, "close", lambda: closed.append(1))
