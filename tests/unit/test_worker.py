@@ -209,7 +209,24 @@ def test_run_forked_exits_with_run_s_code_or_1(monkeypatch: pytest.MonkeyPatch) 
     assert exits == [0, 1, 1]
 
 
-def test_a_spawned_worker_loads_its_backend_and_serves(monkeypatch: pytest.MonkeyPatch, limits: list) -> None:
+@pytest.mark.parametrize(
+    ("options", "role", "ready"),
+    [
+        (["--generation", "02", "--threads", "3"], "worker g2", "ready (3 torch threads)"),
+        ([], "worker g0", "ready (1 torch threads)"),  # the defaults
+    ],
+)
+def test_a_spawned_worker_loads_its_backend_and_serves(
+    monkeypatch: pytest.MonkeyPatch,
+    limits: list,
+    caplog: pytest.LogCaptureFixture,
+    options: list[str],
+    role: str,
+    ready: str,
+) -> None:
+    from shm_model import logs
+
+    caplog.set_level(logging.INFO, "workers.worker")
     monkeypatch.setenv("SHM_MODEL_BACKEND", "dummy")
     monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
     supervisor, channel = socket.socketpair()
@@ -226,13 +243,13 @@ def test_a_spawned_worker_loads_its_backend_and_serves(monkeypatch: pytest.Monke
     thread = threading.Thread(target=supervise)
     thread.start()
     try:
-        argv = ["--fd", str(fd), "--parent", str(os.getppid()), "--generation", "2", "--threads", "1"]
+        argv = ["--fd", str(fd), "--parent", str(os.getppid()), *options]
         assert worker_module.main(argv) == 0
+        assert logs._role == role
     finally:
         thread.join(10)
-        from shm_model import logs
-
         logs.set_role("client")
+    assert [m for m in caplog.messages if m.startswith("ready")] == [ready]
     assert frames[0].header["op"] == "ready" and frames[0].header["backend"]["model"] == "dummy"
     assert vectors_from_frame(frames[1]).shape == (1, 32)
 
@@ -251,7 +268,10 @@ def test_a_spawned_worker_that_cannot_load_the_model_exits_with_the_boot_error(
     b.close()
     try:
         assert worker_module.main(["--fd", str(fd), "--parent", str(os.getppid())]) == WORKER_BOOT_ERROR
-        assert "worker could not load the model: model 'x' not found" in caplog.text
+        assert "worker could not load the model: model 'x' not found" in caplog.messages
+        from shm_model import logs
+
+        assert logs._role == "worker g0"  # no --generation: the first
     finally:
         a.close()
         os.close(fd)
@@ -335,6 +355,9 @@ def test_a_forked_worker_does_not_wait_for_a_progress_lock_a_killed_worker_held(
         finally:
             os._exit(code)
     assert _wait_exit(child, 30) == 0, "the forked worker blocked on the progress-bar lock a killed worker held"
+    worker_module.own_progress_lock()  # here too: the lock the killed worker holds is no longer used
+    assert std.TqdmDefaultWriteLock.mp_lock is None
+    list(std.trange(3, disable=True))
 
 
 def test_a_paused_batch_waits_at_the_gate_until_the_flag_is_cleared(caplog: pytest.LogCaptureFixture) -> None:
@@ -404,44 +427,44 @@ def test_a_worker_that_fails_logs_why_before_it_exits(
     assert record.getMessage() == "worker failed" and record.exc_info is not None
 
 
-def _in_child(body: Any) -> Any:
-    """Run ``body(report)`` in a forked child; returns what it reported (JSON over a pipe)."""
-    import json
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            body(lambda value: os.write(w, json.dumps(value).encode()))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        data = pipe.read()
-    assert _wait_exit(pid, 30) == 0
-    return json.loads(data)
-
-
 def test_a_worker_asks_to_be_killed_with_its_parent() -> None:
-    def body(report: Any) -> None:
-        import ctypes
+    import ctypes
 
+    libc = ctypes.CDLL(None)
+    signum = ctypes.c_int(-1)
+    libc.prctl(2, ctypes.byref(signum), 0, 0, 0)  # PR_GET_PDEATHSIG
+    saved = signum.value
+    try:
         die_with_parent(os.getppid())
-        libc = ctypes.CDLL(None)
-        signum = ctypes.c_int(0)
-        libc.prctl(2, ctypes.byref(signum), 0, 0, 0)  # PR_GET_PDEATHSIG
-        report(signum.value)
-
-    assert _in_child(body) == signal.SIGKILL
+        libc.prctl(2, ctypes.byref(signum), 0, 0, 0)
+        assert signum.value == signal.SIGKILL
+    finally:
+        libc.prctl(1, saved, 0, 0, 0)  # PR_SET_PDEATHSIG: as it was
 
 
-def test_a_forked_worker_drops_the_parent_s_descriptors_and_signal_handlers() -> None:
+def test_a_forked_worker_drops_the_parent_s_descriptors_and_signal_handlers(
+    limits: list[tuple[int, tuple[int, int]]],
+) -> None:
     """What a forked worker must not keep of the supervisor: its wakeup fd and signal handlers, and
-    every descriptor but its channel (client connections, the listening socket, other channels)."""
+    every descriptor but its channel (client connections, the listening socket, other channels).
+    A spawned worker (a fresh interpreter) has nothing of the supervisor's: it keeps what it has."""
     import json
 
+    a, b = socket.socketpair()
+    spawned = make_worker(Recorder(), fd=os.dup(b.fileno()))
+    saved_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        spawned.init_process()
+        os.fstat(a.fileno())  # still open
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, saved_term)
+        for sock in (a, b, spawned.channel):
+            if sock is not None:
+                sock.close()
+        from shm_model import logs
+
+        logs.set_role("client")
     supervisor, channel = socket.socketpair()
     pid = os.fork()
     if pid == 0:
