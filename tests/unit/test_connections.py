@@ -304,7 +304,9 @@ def test_a_closed_connection_sends_nothing_and_closes_once() -> None:
     assert writer.written == [b"a"] and writer.closes == 1
 
 
-def test_a_client_that_stops_reading_is_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_that_stops_reading_is_disconnected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     class Writer:
         aborted = False
         closed = False
@@ -333,9 +335,22 @@ def test_a_client_that_stops_reading_is_disconnected(monkeypatch: pytest.MonkeyP
             return Transport()
 
     writer = Writer()
-    conn = Connection(writer, 0)  # type: ignore[arg-type]
+    conn = Connection(writer, 7)  # type: ignore[arg-type]
     conn.send(b"x")
     assert conn.closed and writer.closed
+    assert caplog.messages == ["client (uid 7) stopped reading replies; disconnecting it"]
+    full = Writer()
+    full.size = connections_module.MAX_CONNECTION_BUFFER  # up to the limit, replies are still queued
+    sent: list[bytes] = []
+    full.write = sent.append  # type: ignore[method-assign]
+    Connection(full, 0).send(b"y")  # type: ignore[arg-type]
+    assert sent == [b"y"] and not full.closed
+    quiet = Writer()
+    quiet.size = 0
+    quiet.write = lambda data: None  # type: ignore[method-assign]
+    conn3 = Connection(quiet, 0)  # type: ignore[arg-type]
+    conn3.drop(Overloaded("full"))
+    assert quiet.closed and not quiet.aborted and conn3.closed  # nothing buffered: a plain close
     writer2 = Writer()
     writer2.size = 10
     writer2.write = lambda data: None  # type: ignore[method-assign]
