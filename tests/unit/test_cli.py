@@ -137,11 +137,11 @@ def test_encode_prints_a_line_per_text_or_json(host: FakeHost, capsys: pytest.Ca
 def test_encode_reads_lines_from_stdin(
     host: FakeHost, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb \n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb \nX\n"))
     code, out, _ = run(["--socket", host.path, "encode", "--json", "-"], capsys)
     assert code == 0
-    assert host.headers[-1]["texts"] == ["a", "b "]  # only the line end is taken off
-    assert len(json.loads(out)) == 2
+    assert host.headers[-1]["texts"] == ["a", "b ", "X"]  # only the line end is taken off
+    assert len(json.loads(out)) == 3
 
 
 def test_reload_and_stop(host: FakeHost, capsys: pytest.CaptureFixture) -> None:
