@@ -181,9 +181,9 @@ def test_errors_exit_with_their_code_and_one_line(
 
 def test_unknown_arguments_are_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
-        cli.main(["status", "--bogus"])
+        cli.main(["status", "--bogus", "extra"])
     assert info.value.code == 2
-    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert "unrecognized arguments: --bogus extra" in capsys.readouterr().err
 
 
 def test_api_runs_the_api_server_with_the_arguments_that_follow(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,6 +252,17 @@ def test_status_prints_health_headroom_and_restarts(
         "health": {"status": "degraded", "reasons": {"memory": "little headroom", "errors": "5% of requests failed"}},
         "memory_pressure": {"headroom": 2**30, "ceiling": 4 * 2**30},
         "restarts": {"oom_kill": 1, "watchdog": 2},
+        "queue": {  # a class without wait figures does not end the list
+            "bulk": {"requests": 0},
+            "interactive": {
+                "requests": 1,
+                "texts": 2,
+                "served_requests": 3,
+                "batches": 3,
+                "wait_ms": {"p50": 0.5, "p99": 7.25},
+            },
+        },
+        "workers": [{**STATUS["workers"][0], "pss": 2**21, "uss": 3 * 2**20}],
     }
     host = start(lambda h: result_reply(h["id"], degraded))
     code, out, _ = run(["--socket", host.path, "status"], capsys)
@@ -261,6 +272,10 @@ def test_status_prints_health_headroom_and_restarts(
     assert lines[at - 1].startswith("memory       RSS")
     assert lines[at + 1] == "             1024.0 MB free of 4096.0 MB; restarts: oom_kill 1, watchdog 2"
     assert lines[at + 2].split() == ["pid", "gen", "state", "requests", "batches", "RSS", "PSS", "USS"]
+    assert lines[at + 3] == "      11    3 idle              9        4     1.0 MB     2.0 MB     3.0 MB"
+    assert lines[4] == (
+        "  interactive1 requests (2 texts) waiting; served 3 requests in 3 batches; wait p50 0.5 ms p99 7.2 ms"
+    )
     healthy = {**STATUS, "health": {"status": "ok", "reasons": {}}}
     host = start(lambda h: result_reply(h["id"], healthy), name="healthy.sock")
     code, out, _ = run(["--socket", host.path, "status"], capsys)
