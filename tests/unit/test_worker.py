@@ -355,8 +355,19 @@ def test_a_forked_worker_does_not_wait_for_a_progress_lock_a_killed_worker_held(
         finally:
             os._exit(code)
     assert _wait_exit(child, 30) == 0, "the forked worker blocked on the progress-bar lock a killed worker held"
+
+    class Bar(std.tqdm):  # a bar class that made a lock of its own before the fork
+        pass
+
+    class Plain(std.tqdm):  # one that uses tqdm's
+        pass
+
+    monkeypatch.setattr(Bar, "_lock", std.TqdmDefaultWriteLock(), raising=False)
+    monkeypatch.delattr(std.tqdm, "_lock", raising=False)  # tqdm's own not made yet
     worker_module.own_progress_lock()  # here too: the lock the killed worker holds is no longer used
     assert std.TqdmDefaultWriteLock.mp_lock is None
+    lock = std.tqdm.get_lock()
+    assert Bar.get_lock() is lock and Plain.get_lock() is lock and "_lock" not in vars(Plain)
     list(std.trange(3, disable=True))
 
 
