@@ -338,10 +338,12 @@ def test_info_lists_every_served_model_the_first_being_the_default() -> None:
     assert out["models"][0]["dtype"] == "float32" and "x" not in out["models"][0]
 
 
-def test_a_worker_whose_batch_is_paused_says_so() -> None:
-    paused = Worker(4, WorkerState.BUSY, time.time())
+def test_a_worker_whose_batch_is_paused_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reports.time, "time", lambda: 1000.123456)
+    paused = Worker(4, WorkerState.BUSY, 990.0)
     paused.paused_since = 12.0
-    assert reports.worker_rows([paused])[0]["paused"] is True
+    (row,) = reports.worker_rows([paused])
+    assert row["paused"] is True and row["uptime_s"] == 10.123  # milliseconds
 
 
 def test_worker_rows_are_sorted_by_pid() -> None:
