@@ -394,6 +394,8 @@ def test_queue_report_per_class() -> None:
     assert report["bulk_batch_ms"] == 250.0
     assert report["ms_per_1k_padded_tokens"] == {"1": 2.5, "2": 1.0}
     assert list(report["ms_per_1k_padded_tokens"]) == ["1", "2"]
+    s.rates = {1: 1.23456e-6, 3: 1.23456e-3}  # seconds per padded token
+    assert reports.queue_report(s, 250.0)["ms_per_1k_padded_tokens"] == {"1": 1.235, "3": 1234.56}
 
 
 def test_add_memory_fills_each_worker_and_the_sums(monkeypatch: pytest.MonkeyPatch) -> None:
