@@ -138,6 +138,9 @@ def test_a_peer_of_another_uid_is_refused_unless_allowed(
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
             assert s.counters["refused"] == 1 and s.closed == []
             assert caplog.messages == [f"refused a connection from uid {me} (pid {os.getpid()})"]
+            again, _again = await s.client()
+            assert (await reply(again))["error"]["code"] == "permission_denied"
+            assert s.counters["refused"] == 2
         async with Server(sock_path, allowed_uids=[me]) as s:
             _, writer = await s.client()
             writer.write(pack({"id": 1}))
