@@ -118,6 +118,9 @@ def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str, caplog
             assert await asyncio.wait_for(r2.read(), DEADLINE) == b""
             assert s.counters["errors_overloaded"] == 1
             assert len(s.conns.open) == 1
+            r3, _w3 = await s.client()
+            assert (await reply(r3))["error"]["code"] == "overloaded"
+            assert s.counters["errors_overloaded"] == 2
             assert f"refused a connection from uid {os.getuid()} (pid {os.getpid()}): 1 open" in caplog.messages
 
     run(test)
@@ -240,7 +243,9 @@ def test_large_frames_share_a_budget(sock_path: str) -> None:
     run(test)
 
 
-def test_a_handler_that_fails_drops_the_connection_with_an_internal_error(sock_path: str) -> None:
+def test_a_handler_that_fails_drops_the_connection_with_an_internal_error(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def test() -> None:
         async with Server(sock_path) as s:
 
@@ -254,6 +259,9 @@ def test_a_handler_that_fails_drops_the_connection_with_an_internal_error(sock_p
             assert header["error"]["code"] == "internal_error"
             assert header["error"]["message"] == "the host failed to handle this connection"
             await until(lambda: len(s.closed) == 1, "the close")
+            (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+            assert record.getMessage() == f"handling a connection of uid {os.getuid()} failed; this is a bug"
+            assert record.exc_info is not None and record.exc_info[0] is KeyError
 
     run(test)
 
