@@ -165,6 +165,10 @@ def test_a_broken_frame_is_answered_and_ends_the_connection(sock_path: str) -> N
                 assert header["error"]["code"] == code
                 assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
                 assert s.counters[f"errors_{code}"] == 1
+            reader, writer = await s.client()
+            writer.write(PREFIX.pack(b"XXXX", 2, 0) + b"{}")
+            assert (await reply(reader))["error"]["code"] == "protocol_error"
+            assert s.counters["errors_protocol_error"] == 2
             assert s.frames == []
 
     run(test)
@@ -180,6 +184,9 @@ def test_a_bad_header_is_answered_and_the_connection_goes_on(sock_path: str) -> 
             await until(lambda: len(s.frames) == 1, "the next frame")
             assert s.frames[0][1].header == {"id": 3}
             assert s.counters["errors_bad_request"] == 1
+            writer.write(PREFIX.pack(MAGIC, 5, 0) + b"nope?")
+            assert (await reply(reader))["error"]["code"] == "bad_request"
+            assert s.counters["errors_bad_request"] == 2
 
     run(test)
 
