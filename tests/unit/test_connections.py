@@ -394,3 +394,19 @@ def test_the_frame_budget() -> None:
     assert info.value.details == {"limit": SMALL_FRAME_BYTES * 3}
     budget.release(SMALL_FRAME_BYTES + 1)
     assert budget.used == SMALL_FRAME_BYTES * 2 - 1
+
+
+def test_drain_and_close_gives_up_on_a_client_that_does_not_read(sock_path: str) -> None:
+    async def test() -> None:
+        async with Server(sock_path) as s:
+            _reader, writer = await s.client()  # kept, never read
+            writer.write(pack({"id": 1}))
+            await until(lambda: len(s.frames) == 1, "the client")
+            conn = s.frames[0][0]
+            conn.send(b"x" * (4 << 20))  # more than the socket buffers hold
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.wait_for(s.conns.drain_and_close(0.1), DEADLINE)
+            assert loop.time() - start < 2.0 and conn.closed
+
+    run(test)
