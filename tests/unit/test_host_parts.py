@@ -130,7 +130,7 @@ def test_a_stale_socket_is_removed_and_anything_else_refused(tmp_path: Path, cap
     with caplog.at_level(logging.INFO, logger="shm_model.host.rundir"):
         run.take()
     assert not path.exists()
-    assert f"removing stale socket {path} left by a host that died" in caplog.text
+    assert f"removing stale socket {path} left by a host that died" in caplog.messages
     run.cleanup()
     path.write_text("not a socket")
     other = RunDirectory(str(path))
@@ -141,7 +141,8 @@ def test_a_stale_socket_is_removed_and_anything_else_refused(tmp_path: Path, cap
     RunDirectory(str(path.with_name("other.sock"))).take()
 
 
-def test_stale_torch_segments_of_dead_processes_are_removed(tmp_path: Path) -> None:
+def test_stale_torch_segments_of_dead_processes_are_removed(tmp_path: Path, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, "shm_model.host.rundir")
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     dead = tmp_path / f"torch_{gone.pid}_1"
@@ -152,12 +153,23 @@ def test_stale_torch_segments_of_dead_processes_are_removed(tmp_path: Path) -> N
         p.write_text("")
     assert remove_stale_segments(str(tmp_path / "torch*")) == [str(dead)]
     assert not dead.exists() and alive.exists() and odd.exists() and bare.exists()
+    assert caplog.messages == [f"removed stale shared-memory file {dead}"]
     if os.geteuid() == 0:
         theirs = tmp_path / f"torch_{gone.pid}_2"
         theirs.write_text("")
         os.chown(theirs, 54321, -1)
         assert remove_stale_segments(str(tmp_path / "torch_*")) == []
         assert theirs.exists()
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere"
+    (directory / "host.sock.lock").symlink_to(target)
+    with pytest.raises(OSError):
+        RunDirectory(str(directory / "host.sock")).take()
+    assert not target.exists()
 
 
 def test_the_listen_backlog() -> None:
