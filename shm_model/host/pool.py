@@ -303,7 +303,7 @@ class WorkerPool:
             if frame.header.get("op") != "ready" or not isinstance(frame.header.get("backend"), dict):
                 raise ProtocolError(f"worker {w.pid} sent {frame.header!r:.200} instead of ready")
         except (TimeoutError, ConnectionClosed, ShmModelError, OSError) as exc:
-            log.error("worker %d failed to boot: %s", w.pid, exc or type(exc).__name__)
+            log.error("worker %d failed to boot: %s", w.pid, str(exc) or type(exc).__name__)
             self.lost(w)
             return
         if w.state is not S.STARTING:

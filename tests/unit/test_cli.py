@@ -96,11 +96,15 @@ def test_status_prints_model_supervisor_weights_queue_memory_and_workers(
     assert os.environ["SHM_MODEL_SOCKET"] == host.path  # --socket is passed on to what the command starts
 
 
-def test_status_json_is_the_whole_status(host: FakeHost, capsys: pytest.CaptureFixture) -> None:
+def test_status_json_is_the_whole_status(
+    host: FakeHost, start: Callable[..., FakeHost], capsys: pytest.CaptureFixture
+) -> None:
     code, out, _ = run(["--socket", host.path, "status", "--json"], capsys)
     assert code == 0
     assert json.loads(out) == STATUS
     assert out.startswith('{\n  "model": "dummy"')
+    host = start(lambda h: result_reply(h["id"], {**STATUS, "model": "modèle"}), name="accents.sock")
+    assert run(["--socket", host.path, "status", "--json"], capsys)[1].startswith('{\n  "model": "modèle"')
 
 
 def test_status_without_optional_figures(start: Callable[..., FakeHost], capsys: pytest.CaptureFixture) -> None:
@@ -133,11 +137,11 @@ def test_encode_prints_a_line_per_text_or_json(host: FakeHost, capsys: pytest.Ca
 def test_encode_reads_lines_from_stdin(
     host: FakeHost, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb \n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb \nX\n"))
     code, out, _ = run(["--socket", host.path, "encode", "--json", "-"], capsys)
     assert code == 0
-    assert host.headers[-1]["texts"] == ["a", "b "]  # only the line end is taken off
-    assert len(json.loads(out)) == 2
+    assert host.headers[-1]["texts"] == ["a", "b ", "X"]  # only the line end is taken off
+    assert len(json.loads(out)) == 3
 
 
 def test_reload_and_stop(host: FakeHost, capsys: pytest.CaptureFixture) -> None:
@@ -177,9 +181,9 @@ def test_errors_exit_with_their_code_and_one_line(
 
 def test_unknown_arguments_are_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
-        cli.main(["status", "--bogus"])
+        cli.main(["status", "--bogus", "extra"])
     assert info.value.code == 2
-    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert "unrecognized arguments: --bogus extra" in capsys.readouterr().err
 
 
 def test_api_runs_the_api_server_with_the_arguments_that_follow(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,3 +242,130 @@ def test_sizes_and_times_print_a_dash_when_unknown() -> None:
     assert cli._mb(3 * 2**20 + 2**19) == "3.5 MB"
     assert cli._ms(None) == "-"
     assert cli._ms(1.26) == "1.3 ms"
+
+
+def test_status_prints_health_headroom_and_restarts(
+    start: Callable[..., FakeHost], capsys: pytest.CaptureFixture
+) -> None:
+    degraded = {
+        **STATUS,
+        "health": {"status": "degraded", "reasons": {"memory": "little headroom", "errors": "5% of requests failed"}},
+        "memory_pressure": {"headroom": 2**30, "ceiling": 4 * 2**30},
+        "restarts": {"oom_kill": 1, "watchdog": 2},
+        "queue": {  # a class without wait figures does not end the list
+            "bulk": {"requests": 0},
+            "interactive": {
+                "requests": 1,
+                "texts": 2,
+                "served_requests": 3,
+                "batches": 3,
+                "wait_ms": {"p50": 0.5, "p99": 7.25},
+            },
+        },
+        "workers": [{**STATUS["workers"][0], "pss": 2**21, "uss": 3 * 2**20}],
+    }
+    host = start(lambda h: result_reply(h["id"], degraded))
+    code, out, _ = run(["--socket", host.path, "status"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    at = lines.index("health       degraded: little headroom; 5% of requests failed")
+    assert lines[at - 1].startswith("memory       RSS")
+    assert lines[at + 1] == "             1024.0 MB free of 4096.0 MB; restarts: oom_kill 1, watchdog 2"
+    assert lines[at + 2].split() == ["pid", "gen", "state", "requests", "batches", "RSS", "PSS", "USS"]
+    assert lines[at + 3] == "      11    3 idle              9        4     1.0 MB     2.0 MB     3.0 MB"
+    assert lines[4] == (
+        "  interactive1 requests (2 texts) waiting; served 3 requests in 3 batches; wait p50 0.5 ms p99 7.2 ms"
+    )
+    healthy = {**STATUS, "health": {"status": "ok", "reasons": {}}}
+    host = start(lambda h: result_reply(h["id"], healthy), name="healthy.sock")
+    code, out, _ = run(["--socket", host.path, "status"], capsys)
+    lines = out.splitlines()
+    at = lines.index("health       ok")
+    assert lines[at + 1] == "             - free of -; restarts: "
+
+
+COMMAND_HELP = {
+    (): """usage: shm-model [-h] [--socket SOCKET] [--timeout TIMEOUT] COMMAND ...
+
+Host one sentence-embedding model for many processes: the weights live once in shared memory, \
+forked workers encode, clients talk over a Unix socket.
+
+positional arguments:
+  COMMAND
+    serve            run the host in the foreground (SIGTERM/SIGINT drain, SIGHUP reloads)
+    status           show the running host: model, workers, queue, memory
+    encode           embed TEXT arguments (or '-' for one text per stdin line)
+    reload           load the model again and replace the workers without failing requests
+    stop             stop the host gracefully (in-flight requests finish)
+    api              run the chat (RAG) API server on the host: runs shm-model-api with the
+                     arguments that follow (see 'shm-model api --help')
+
+options:
+  -h, --help         show this help message and exit
+  --socket SOCKET    host socket (default: SHM_MODEL_SOCKET or its default)
+  --timeout TIMEOUT  request timeout in seconds
+""",
+    ("status",): """usage: shm-model status [-h] [--json]
+
+show the running host: model, workers, queue, memory
+
+options:
+  -h, --help  show this help message and exit
+  --json      print the full status as JSON
+""",
+    ("encode",): """usage: shm-model encode [-h] [--normalize] [--prompt-name PROMPT_NAME] [--json] text [text ...]
+
+embed TEXT arguments (or '-' for one text per stdin line)
+
+positional arguments:
+  text                  texts to embed, or - to read lines from stdin
+
+options:
+  -h, --help            show this help message and exit
+  --normalize           L2-normalise the vectors
+  --prompt-name PROMPT_NAME
+                        a prompt of the model, e.g. query
+  --json                print the vectors as a JSON array
+""",
+    ("serve",): "usage: shm-model serve [-h]\n\n"
+    "run the host in the foreground (SIGTERM/SIGINT drain, SIGHUP reloads)\n\n"
+    "options:\n  -h, --help  show this help message and exit\n",
+    ("reload",): "usage: shm-model reload [-h]\n\n"
+    "load the model again and replace the workers without failing requests\n\n"
+    "options:\n  -h, --help  show this help message and exit\n",
+    ("stop",): "usage: shm-model stop [-h]\n\n"
+    "stop the host gracefully (in-flight requests finish)\n\n"
+    "options:\n  -h, --help  show this help message and exit\n",
+}
+
+
+@pytest.mark.parametrize("command", list(COMMAND_HELP))
+def test_each_command_s_help_then_the_settings(
+    command: tuple[str, ...], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    head, settings = out.split("\nenvironment variables", 1)
+    assert head == COMMAND_HELP[command]
+    assert "SHM_MODEL_SOCKET" in settings
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+    assert "error: the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+def test_encode_options_default_off() -> None:
+    args = cli.build_parser().parse_args(["encode", "a", "b"])
+    assert (args.text, args.normalize, args.prompt_name, args.json, args.func) == (
+        ["a", "b"], False, None, False, cli._encode,
+    )  # fmt: skip
+    args = cli.build_parser().parse_args(["--timeout", "2.5", "status", "--json"])
+    assert (args.timeout, args.json, args.func, args.socket) == (2.5, True, cli._status, None)
+    for name, func in (("serve", cli._serve), ("reload", cli._reload), ("stop", cli._stop)):
+        assert cli.build_parser().parse_args([name]).func is func

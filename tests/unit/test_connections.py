@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def test_frames_reach_the_handler_and_closing_is_reported(sock_path: str) -> Non
     run(test)
 
 
-def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str) -> None:
+def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
     async def test() -> None:
         async with Server(sock_path, max_connections=1) as s:
             _, w1 = await s.client()
@@ -117,13 +118,17 @@ def test_one_connection_over_the_limit_is_told_and_closed(sock_path: str) -> Non
             assert await asyncio.wait_for(r2.read(), DEADLINE) == b""
             assert s.counters["errors_overloaded"] == 1
             assert len(s.conns.open) == 1
+            r3, _w3 = await s.client()
+            assert (await reply(r3))["error"]["code"] == "overloaded"
+            assert s.counters["errors_overloaded"] == 2
+            assert f"refused a connection from uid {os.getuid()} (pid {os.getpid()}): 1 open" in caplog.messages
 
     run(test)
 
 
-def test_a_peer_of_another_uid_is_refused_unless_allowed(sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
+def test_a_peer_of_another_uid_is_refused_unless_allowed(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     me = os.getuid()
     monkeypatch.setattr(connections_module.os, "getuid", lambda: me + 1)
 
@@ -135,6 +140,10 @@ def test_a_peer_of_another_uid_is_refused_unless_allowed(sock_path: str, monkeyp
             assert header["error"]["message"] == f"uid {me} may not use this host"
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
             assert s.counters["refused"] == 1 and s.closed == []
+            assert caplog.messages == [f"refused a connection from uid {me} (pid {os.getpid()})"]
+            again, _again = await s.client()
+            assert (await reply(again))["error"]["code"] == "permission_denied"
+            assert s.counters["refused"] == 2
         async with Server(sock_path, allowed_uids=[me]) as s:
             _, writer = await s.client()
             writer.write(pack({"id": 1}))
@@ -156,6 +165,10 @@ def test_a_broken_frame_is_answered_and_ends_the_connection(sock_path: str) -> N
                 assert header["error"]["code"] == code
                 assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
                 assert s.counters[f"errors_{code}"] == 1
+            reader, writer = await s.client()
+            writer.write(PREFIX.pack(b"XXXX", 2, 0) + b"{}")
+            assert (await reply(reader))["error"]["code"] == "protocol_error"
+            assert s.counters["errors_protocol_error"] == 2
             assert s.frames == []
 
     run(test)
@@ -171,6 +184,9 @@ def test_a_bad_header_is_answered_and_the_connection_goes_on(sock_path: str) -> 
             await until(lambda: len(s.frames) == 1, "the next frame")
             assert s.frames[0][1].header == {"id": 3}
             assert s.counters["errors_bad_request"] == 1
+            writer.write(PREFIX.pack(MAGIC, 5, 0) + b"nope?")
+            assert (await reply(reader))["error"]["code"] == "bad_request"
+            assert s.counters["errors_bad_request"] == 2
 
     run(test)
 
@@ -189,7 +205,7 @@ def test_a_frame_cut_short_ends_the_connection_quietly(sock_path: str) -> None:
     run(test)
 
 
-def test_a_frame_not_finished_in_time_drops_the_client(sock_path: str) -> None:
+def test_a_frame_not_finished_in_time_drops_the_client(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
     async def test() -> None:
         async with Server(sock_path, frame_timeout=0.1) as s:
             reader, writer = await s.client()
@@ -201,6 +217,7 @@ def test_a_frame_not_finished_in_time_drops_the_client(sock_path: str) -> None:
                 "details": {},
             }
             assert s.counters["frame_timeouts"] == 1
+            assert f"client (uid {os.getuid()}) did not finish a frame in 0.1s; disconnecting it" in caplog.messages
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
             _, idle = await s.client()  # idle between frames: no timeout
             await asyncio.sleep(0.3)
@@ -233,7 +250,9 @@ def test_large_frames_share_a_budget(sock_path: str) -> None:
     run(test)
 
 
-def test_a_handler_that_fails_drops_the_connection_with_an_internal_error(sock_path: str) -> None:
+def test_a_handler_that_fails_drops_the_connection_with_an_internal_error(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def test() -> None:
         async with Server(sock_path) as s:
 
@@ -247,6 +266,9 @@ def test_a_handler_that_fails_drops_the_connection_with_an_internal_error(sock_p
             assert header["error"]["code"] == "internal_error"
             assert header["error"]["message"] == "the host failed to handle this connection"
             await until(lambda: len(s.closed) == 1, "the close")
+            (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+            assert record.getMessage() == f"handling a connection of uid {os.getuid()} failed; this is a bug"
+            assert record.exc_info is not None and record.exc_info[0] is KeyError
 
     run(test)
 
@@ -300,7 +322,9 @@ def test_a_closed_connection_sends_nothing_and_closes_once() -> None:
     assert writer.written == [b"a"] and writer.closes == 1
 
 
-def test_a_client_that_stops_reading_is_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_that_stops_reading_is_disconnected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     class Writer:
         aborted = False
         closed = False
@@ -329,9 +353,22 @@ def test_a_client_that_stops_reading_is_disconnected(monkeypatch: pytest.MonkeyP
             return Transport()
 
     writer = Writer()
-    conn = Connection(writer, 0)  # type: ignore[arg-type]
+    conn = Connection(writer, 7)  # type: ignore[arg-type]
     conn.send(b"x")
     assert conn.closed and writer.closed
+    assert caplog.messages == ["client (uid 7) stopped reading replies; disconnecting it"]
+    full = Writer()
+    full.size = connections_module.MAX_CONNECTION_BUFFER  # up to the limit, replies are still queued
+    sent: list[bytes] = []
+    full.write = sent.append  # type: ignore[method-assign]
+    Connection(full, 0).send(b"y")  # type: ignore[arg-type]
+    assert sent == [b"y"] and not full.closed
+    quiet = Writer()
+    quiet.size = 0
+    quiet.write = lambda data: None  # type: ignore[method-assign]
+    conn3 = Connection(quiet, 0)  # type: ignore[arg-type]
+    conn3.drop(Overloaded("full"))
+    assert quiet.closed and not quiet.aborted and conn3.closed  # nothing buffered: a plain close
     writer2 = Writer()
     writer2.size = 10
     writer2.write = lambda data: None  # type: ignore[method-assign]
@@ -357,3 +394,19 @@ def test_the_frame_budget() -> None:
     assert info.value.details == {"limit": SMALL_FRAME_BYTES * 3}
     budget.release(SMALL_FRAME_BYTES + 1)
     assert budget.used == SMALL_FRAME_BYTES * 2 - 1
+
+
+def test_drain_and_close_gives_up_on_a_client_that_does_not_read(sock_path: str) -> None:
+    async def test() -> None:
+        async with Server(sock_path) as s:
+            _reader, writer = await s.client()  # kept, never read
+            writer.write(pack({"id": 1}))
+            await until(lambda: len(s.frames) == 1, "the client")
+            conn = s.frames[0][0]
+            conn.send(b"x" * (4 << 20))  # more than the socket buffers hold
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.wait_for(s.conns.drain_and_close(0.1), DEADLINE)
+            assert loop.time() - start < 2.0 and conn.closed
+
+    run(test)

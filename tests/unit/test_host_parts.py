@@ -130,7 +130,7 @@ def test_a_stale_socket_is_removed_and_anything_else_refused(tmp_path: Path, cap
     with caplog.at_level(logging.INFO, logger="shm_model.host.rundir"):
         run.take()
     assert not path.exists()
-    assert f"removing stale socket {path} left by a host that died" in caplog.text
+    assert f"removing stale socket {path} left by a host that died" in caplog.messages
     run.cleanup()
     path.write_text("not a socket")
     other = RunDirectory(str(path))
@@ -141,7 +141,8 @@ def test_a_stale_socket_is_removed_and_anything_else_refused(tmp_path: Path, cap
     RunDirectory(str(path.with_name("other.sock"))).take()
 
 
-def test_stale_torch_segments_of_dead_processes_are_removed(tmp_path: Path) -> None:
+def test_stale_torch_segments_of_dead_processes_are_removed(tmp_path: Path, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, "shm_model.host.rundir")
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     dead = tmp_path / f"torch_{gone.pid}_1"
@@ -152,12 +153,23 @@ def test_stale_torch_segments_of_dead_processes_are_removed(tmp_path: Path) -> N
         p.write_text("")
     assert remove_stale_segments(str(tmp_path / "torch*")) == [str(dead)]
     assert not dead.exists() and alive.exists() and odd.exists() and bare.exists()
+    assert caplog.messages == [f"removed stale shared-memory file {dead}"]
     if os.geteuid() == 0:
         theirs = tmp_path / f"torch_{gone.pid}_2"
         theirs.write_text("")
         os.chown(theirs, 54321, -1)
         assert remove_stale_segments(str(tmp_path / "torch_*")) == []
         assert theirs.exists()
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere"
+    (directory / "host.sock.lock").symlink_to(target)
+    with pytest.raises(OSError):
+        RunDirectory(str(directory / "host.sock")).take()
+    assert not target.exists()
 
 
 def test_the_listen_backlog() -> None:
@@ -318,6 +330,34 @@ def test_info_names_the_model_and_this_process() -> None:
     assert reports.info({"prompts": {"q": "q: "}}, 0)["prompts"] == {"q": "q: "}
 
 
+def test_info_lists_every_served_model_the_first_being_the_default() -> None:
+    first = {"model": "a", "alias": "small", "dimension": 8, "dtype": "float32", "prompts": {"q": "q: "}, "x": 1}
+    second = {"model": "b", "alias": "large", "dimension": 16, "device": "cpu"}
+    meta = {**first, "models": [first, second]}
+    out = reports.info(meta, 1)
+    assert (out["model"], out["dimension"], out["prompts"]) == ("a", 8, {"q": "q: "})
+    assert [m["model"] for m in out["models"]] == ["a", "b"]
+    assert out["models"][1] == {
+        "model": "b",
+        "model_path": None,
+        "alias": "large",
+        "dimension": 16,
+        "max_seq_length": None,
+        "device": "cpu",
+        "dtype": None,
+        "prompts": None,
+    }
+    assert out["models"][0]["dtype"] == "float32" and "x" not in out["models"][0]
+
+
+def test_a_worker_whose_batch_is_paused_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reports.time, "time", lambda: 1000.123456)
+    paused = Worker(4, WorkerState.BUSY, 990.0)
+    paused.paused_since = 12.0
+    (row,) = reports.worker_rows([paused])
+    assert row["paused"] is True and row["uptime_s"] == 10.123  # milliseconds
+
+
 def test_worker_rows_are_sorted_by_pid() -> None:
     now = time.time()
     rows = reports.worker_rows([Worker(9, WorkerState.BUSY, now - 10), Worker(3, WorkerState.IDLE, now - 1)])
@@ -366,6 +406,8 @@ def test_queue_report_per_class() -> None:
     assert report["bulk_batch_ms"] == 250.0
     assert report["ms_per_1k_padded_tokens"] == {"1": 2.5, "2": 1.0}
     assert list(report["ms_per_1k_padded_tokens"]) == ["1", "2"]
+    s.rates = {1: 1.23456e-6, 3: 1.23456e-3}  # seconds per padded token
+    assert reports.queue_report(s, 250.0)["ms_per_1k_padded_tokens"] == {"1": 1.235, "3": 1234.56}
 
 
 def test_add_memory_fills_each_worker_and_the_sums(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ metrics and starting a host on demand, against a scripted host and a small fake 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from shm_model.errors import (
     BadRequest,
     HostUnavailable,
     ModelLoadError,
+    ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
@@ -32,6 +34,7 @@ from shm_model.manager import (
     _open_private,
     get_model_with_fallback,
 )
+from shm_model.pressure import DEGRADED_KINDS
 from shm_model.protocol import error_reply, result_reply
 from tests.conftest import poll
 from tests.unit.fakehost import FakeHost, default_respond
@@ -175,7 +178,9 @@ def test_local_mode_loads_once_and_encodes_in_process(make: Callable[..., ModelM
     assert host.headers == []  # local mode never asks the host
 
 
-def test_auto_mode_falls_back_when_the_host_goes_away(make: Callable[..., ModelManager], host: FakeHost) -> None:
+def test_auto_mode_falls_back_when_the_host_goes_away(
+    make: Callable[..., ModelManager], host: FakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
     m = make("auto")
     assert m.get_model().encode(["a"]).shape == (1, 3)
     assert m._model.path == "shared"
@@ -186,6 +191,13 @@ def test_auto_mode_falls_back_when_the_host_goes_away(make: Callable[..., ModelM
     assert m._model.path == "local"
     assert sample("shm_model_fallbacks_total") == fallbacks + 1
     assert m.is_model_loaded()
+    served = sample("shm_model_requests_total", {"op": "encode", "path": "local"})
+    timed = sample("shm_model_request_seconds_count", {"op": "encode", "path": "local"})
+    m._model.encode(["b"])  # still no host: served here again, without a second warning
+    assert sample("shm_model_requests_total", {"op": "encode", "path": "local"}) == served + 1
+    assert sample("shm_model_request_seconds_count", {"op": "encode", "path": "local"}) == timed + 1
+    went_away = "the model host went away; serving from a model in this process"
+    assert [r.levelname for r in caplog.records if r.getMessage() == went_away] == ["WARNING"]
 
 
 def test_auto_mode_without_a_host_loads_locally(make: Callable[..., ModelManager]) -> None:
@@ -237,6 +249,26 @@ def test_local_encode_takes_the_host_s_arguments(make: Callable[..., ModelManage
     assert info.value.details == {"index": 1, "tokens": 9, "limit": 8}
     assert model.encode([], return_usage=True)[1] == 0
     assert backend.token_calls[-1] != ([], None)  # nothing to count for no text
+
+
+def test_the_local_fallback_serves_only_the_first_model_by_its_alias_or_name(
+    make: Callable[..., ModelManager],
+) -> None:
+    m = make("local")
+    m.model_config = ModelConfig(name="small,large")
+    model = m.get_model()
+    backend = m._local
+    backend.name = "org/small-model"
+    for name in ("small", "org/small-model", None):
+        assert model.encode(["ab"], model=name).shape == (1, 4)
+        assert backend.model.calls[-1] == (["ab"], {})  # the model is chosen here, not passed on
+    with pytest.raises(ModelNotFound) as info:
+        model.encode(["ab"], model="large")
+    assert str(info.value) == (
+        "model 'large' is not loaded in this process (only org/small-model: the local fallback serves the "
+        "first model of MODEL_NAME)"
+    )
+    assert info.value.details == {"model": "large"}
 
 
 def test_local_encode_checks_truncate_dim_and_shapes_an_empty_input_like_the_host(
@@ -331,7 +363,10 @@ def test_a_load_error_that_is_not_typed_becomes_model_load_error(make: Callable[
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(make: Callable[..., ModelManager]) -> None:
+def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(
+    make: Callable[..., ModelManager], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "shm_model.manager")
     m = make("local")
     devices: list[str] = []
 
@@ -344,6 +379,11 @@ def test_cuda_out_of_memory_loads_on_the_cpu_only_when_the_device_was_auto(make:
     m._make_backend = oom_on_cuda
     assert m._ensure_local().device == "cpu"
     assert devices == ["auto", "cpu"]
+    assert caplog.messages == [
+        "out of GPU memory loading local-model; loading it on the CPU instead",
+        "loaded local-model in this process on cpu in 0.25s",
+    ]
+    assert sample("shm_model_load_seconds", {"path": "local"}) == 0.25
     m2 = make("local")
     m2.model_config = ModelConfig(name="x", device="cuda")
     m2._make_backend = oom_on_cuda
@@ -391,7 +431,10 @@ def test_reload_goes_to_the_host_or_reloads_locally(make: Callable[..., ModelMan
     assert local.get_status().error_message is None
 
 
-def test_a_failed_reload_keeps_the_model_and_says_why(make: Callable[..., ModelManager]) -> None:
+def test_a_failed_reload_keeps_the_model_and_says_why(
+    make: Callable[..., ModelManager], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "shm_model.manager")
     m = make("shared")
     before = sample("shm_model_errors_total", {"type": "host_unavailable"})
     assert m.reload_model() is False
@@ -403,10 +446,12 @@ def test_a_failed_reload_keeps_the_model_and_says_why(make: Callable[..., ModelM
     local._make_backend = lambda cfg: (_ for _ in ()).throw(ModelLoadError("gone"))
     assert local.reload_model() is False
     assert local._local is kept
+    assert caplog.messages[-1] == "model reload failed: gone"
     status = local.get_status()
     assert status.is_loaded and status.error_message == "gone"
     local._make_backend = lambda cfg: LocalBackend()
     assert local.reload_model() is True and local.get_status().error_message is None
+    assert caplog.messages[-1] == "model reloaded"
 
 
 def test_the_host_s_status_and_its_gauges(make: Callable[..., ModelManager], host: FakeHost) -> None:
@@ -435,6 +480,39 @@ def test_the_host_s_status_and_its_gauges(make: Callable[..., ModelManager], hos
     assert host.headers[-1]["op"] == "status" and host.headers[-1]["timeout_ms"] <= 2000
     assert m.host_status() == HOST_STATUS
     assert make("local").host_status() is None
+
+
+def test_the_host_s_health_memory_and_restarts_become_gauges(
+    make: Callable[..., ModelManager], start: Callable[..., FakeHost]
+) -> None:
+    degraded = {
+        **HOST_STATUS,
+        "queue": {"bulk": {"requests": 4, "wait_ms": {"p50": None, "p99": 1500.0}}},
+        "health": {"status": "degraded", "reasons": {"memory_pressure": "little headroom", "latency": "slow"}},
+        "memory_pressure": {"headroom": 3 * 2**30, "ceiling": 8 * 2**30, "psi_some_avg10": 12.5},
+        "restarts": {"oom_kill": 2, "crash": 1},
+    }
+    host = start(lambda h: result_reply(h["id"], degraded))
+    m = make("shared", socket=host.path)
+    assert m.get_status().is_loaded
+    assert sample("shm_model_host_up") == 1
+    assert sample("shm_model_host_queue_waiting", {"priority": "bulk"}) == 4
+    assert sample("shm_model_host_queue_wait_seconds", {"priority": "bulk", "quantile": "0.99"}) == 1.5
+    degraded_by = {kind: sample("shm_model_host_degraded", {"reason": kind}) for kind in DEGRADED_KINDS}
+    assert degraded_by == {"memory_pressure": 1, "workers_below_target": 0, "error_rate": 0, "latency": 1}
+    assert sample("shm_model_host_memory_headroom_bytes") == 3 * 2**30
+    assert sample("shm_model_host_memory_ceiling_bytes") == 8 * 2**30
+    assert sample("shm_model_host_memory_psi") == 12.5
+    assert sample("shm_model_host_worker_restarts_total", {"cause": "oom_kill"}) == 2
+    assert sample("shm_model_host_worker_restarts_total", {"cause": "crash"}) == 1
+    host.close()
+    assert m.host_status() is None
+    assert sample("shm_model_host_up") == 0
+    healthy = start(lambda h: result_reply(h["id"], {**HOST_STATUS, "health": {"status": "ok"}}), name="ok.sock")
+    make("shared", socket=healthy.path).get_status()
+    assert [sample("shm_model_host_degraded", {"reason": kind}) for kind in DEGRADED_KINDS] == [0, 0, 0, 0]
+    assert sample("shm_model_host_memory_headroom_bytes") == 0 and sample("shm_model_host_memory_psi") == 0
+    assert metrics.REGISTRY.get_sample_value("shm_model_host_worker_restarts_total", {"cause": "oom_kill"}) is None
 
 
 def test_a_bare_host_status(make: Callable[..., ModelManager], start: Callable[..., FakeHost]) -> None:
@@ -484,7 +562,9 @@ def test_statuses_without_a_host(make: Callable[..., ModelManager], monkeypatch:
 # --- the singleton ------------------------------------------------------------------------------------
 
 
-def test_the_singleton_and_the_seed_helpers(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
+def test_the_singleton_and_the_seed_helpers(
+    monkeypatch: pytest.MonkeyPatch, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("SHM_MODEL_SOCKET", str(run_dir / "none.sock"))
     monkeypatch.setenv("SHM_MODEL_MODE", "shared")
     ModelManager.reset_instance()
@@ -497,6 +577,9 @@ def test_the_singleton_and_the_seed_helpers(monkeypatch: pytest.MonkeyPatch, run
             ModelManager.get_model()  # on the class: the singleton's
         fallbacks = sample("shm_model_fallbacks_total")
         assert get_model_with_fallback() is first._local.model
+        (warning,) = [r for r in caplog.records if r.name == "shm_model.manager" and r.levelname == "WARNING"]
+        assert warning.getMessage().startswith("shared model failed: no host is serving")
+        assert warning.getMessage().endswith("; falling back to a model in this process")
         assert sample("shm_model_fallbacks_total") == fallbacks + 1
         closed: list[int] = []
         monkeypatch.setattr(first._client, "close", lambda: closed.append(1))
@@ -541,8 +624,11 @@ def popen(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakePopen]]:
 
 
 def test_autostart_starts_one_host_on_the_socket(
-    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    import subprocess
+
+    caplog.set_level(logging.INFO, "shm_model.manager")
     socket_path = str(tmp_path / "new" / "host.sock")
     m = make("shared", socket=socket_path, autostart=True)
     assert m.get_model().encode(["a"]).shape == (1, 3)
@@ -551,6 +637,10 @@ def test_autostart_starts_one_host_on_the_socket(
     assert proc.argv[1:] == ["-m", "shm_model", "serve"]
     assert proc.kwargs["start_new_session"] is True
     assert proc.kwargs["env"]["SHM_MODEL_SOCKET"] == socket_path
+    assert proc.kwargs["env"]["PATH"] == os.environ["PATH"]  # the rest of this process's environment
+    assert proc.kwargs["stdin"] is subprocess.DEVNULL and proc.kwargs["stderr"] is subprocess.STDOUT
+    log_path = tmp_path / "new" / "host.log"
+    assert f"starting a model host on {socket_path} (log: {log_path})" in caplog.messages
     assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o700
     for name in ("host.sock.start", "host.log"):
         st = os.stat(tmp_path / "new" / name)

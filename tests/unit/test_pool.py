@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 import signal
+import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,8 +18,17 @@ import pytest
 
 from config.model_config import HostConfig
 from shm_model.errors import InternalError
+from shm_model.host import pool as pool_module
 from shm_model.host.dispatch import Dispatcher
-from shm_model.host.pool import MAX_BOOT_FAILURES, WorkerPool, WorkerState
+from shm_model.host.pool import (
+    MAX_BOOT_FAILURES,
+    ProcessSpawner,
+    WorkerHandle,
+    WorkerPool,
+    WorkerState,
+    describe_exit,
+)
+from shm_model.protocol import pack
 from tests.unit.host_fakes import META, Events, FakeConnection, FakeSpawner
 
 DEADLINE = 5.0  # seconds any in-process test may wait for a state
@@ -38,9 +51,18 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 class Host:
     """A pool of fake workers, and optionally a dispatcher on it, wired as the supervisor does."""
 
-    def __init__(self, *, size: int = 2, dispatcher: bool = False, dynamic: bool = False, **cfg: Any) -> None:
+    def __init__(
+        self,
+        *,
+        size: int = 2,
+        dispatcher: bool = False,
+        dynamic: bool = False,
+        spawner: FakeSpawner | None = None,
+        exit_cause: Callable[[int, bool], str] | None = None,
+        **cfg: Any,
+    ) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.spawner = FakeSpawner()
+        self.spawner = spawner or FakeSpawner()
         self.events = Events()
         self.counters: collections.Counter[str] = collections.Counter()
         self.pool = WorkerPool(
@@ -51,8 +73,9 @@ class Host:
             worker_grace=cfg.pop("worker_grace", 0.05),
             background=self.background,
             counters=self.counters,
-            boot_timeout=DEADLINE,
+            boot_timeout=cfg.pop("boot_timeout", DEADLINE),
             kill_after=0.05,
+            exit_cause=exit_cause,
         )
         self.spawner.pool = self.pool
         self.dispatcher = None
@@ -336,6 +359,387 @@ def test_a_query_borrows_the_cores_of_a_running_bulk_batch_which_waits_between_l
         else:  # the query waits for the bulk batch's cores
             assert host.counters["bulk_pauses"] == 0 and not host.spawner.paused_while
             assert chat.at[2] > ingest.at[1]
+        await host.close()
+
+    run(body())
+
+
+class StuckSpawner(FakeSpawner):
+    """Workers stuck in native code: SIGABRT does not end them, only SIGTERM and SIGKILL do."""
+
+    def signal(self, pid: int, sig: signal.Signals) -> None:
+        self.signals.append((pid, sig))
+        if sig in (signal.SIGTERM, signal.SIGKILL):
+            self.exit(pid, -sig)
+
+
+def test_a_worker_past_its_deadline_is_aborted_then_killed_if_the_abort_does_not_end_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        host = Host(size=1, spawner=StuckSpawner(), worker_grace=0.2)
+        await host.start()
+        (w,) = host.pool.workers.values()
+        host.pool.abort(w)  # an idle worker has no batch to be late with
+        assert not host.spawner.signals and not w.aborted and host.counters["worker_aborts"] == 0
+        w.assign([], 1, "bulk")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        host.pool.watch(w, start)
+        await until(lambda: w.pid in host.spawner.sent(signal.SIGKILL), "the kill")
+        assert loop.time() - start >= 0.2 + 0.05  # the grace, then kill_after
+        assert host.spawner.signals == [(w.pid, signal.SIGABRT), (w.pid, signal.SIGKILL)]
+        assert w.aborted and host.counters["worker_aborts"] == 1
+        assert f"worker {w.pid} is past its batch deadline + 0.2s grace; aborting it" in caplog.messages
+        await until(lambda: host.states() == ["idle"], "the replacement")
+        (second,) = host.pool.workers.values()
+        second.assign([], 1, "bulk")
+        host.pool.abort(second)
+        assert host.counters["worker_aborts"] == 2
+        await until(lambda: second.pid not in host.pool.workers, "the second worker to be reaped")
+        host.pool.kill(second.pid)  # gone already: not signalled again
+        assert host.spawner.sent(signal.SIGKILL).count(second.pid) == 1
+        await host.close()
+
+    run(body())
+
+
+def test_a_paused_batch_adds_up_the_time_it_waited_and_is_let_go_when_taken() -> None:
+    async def body() -> None:
+        w = WorkerHandle(7, 0, None, None, 0.0, state=WorkerState.IDLE, pause=bytearray(1))  # type: ignore[arg-type]
+        w.assign([], 2, "bulk")
+        w.set_paused(False, 5.0)  # not paused: nothing to end
+        assert (w.pause[0], w.paused_since, w.paused_seconds) == (0, None, 0.0)
+        w.set_paused(True, 10.0)
+        w.set_paused(True, 11.0)  # already paused since 10
+        assert (w.pause, w.paused_since) == (bytearray(b"\x01"), 10.0)
+        w.set_paused(False, 12.5)
+        assert (w.pause[0], w.paused_since, w.paused_seconds) == (0, None, 2.5)
+        w.set_paused(True, 20.0)
+        w.set_paused(False, 21.0)
+        assert w.paused_seconds == 3.5
+        w.set_paused(True, 30.0)
+        assert w.take_batch() == []
+        assert (w.pause[0], w.paused_since, w.paused_seconds, w.batch) == (0, None, 0.0, None)
+
+    run(body())
+
+
+def test_release_retires_every_worker_after_its_batch_and_replaces_none() -> None:
+    async def body() -> None:
+        host = Host(size=2)
+        await host.start()
+        host.pool.adopt(0, "model")
+        busy, idle = sorted(host.pool.workers.values(), key=lambda w: w.pid)
+        busy.assign([], 1, "bulk")
+        release = asyncio.get_running_loop().create_task(host.pool.release())
+        await until(lambda: idle.pid not in host.pool.workers, "the idle worker to go")
+        assert not release.done() and busy.state is WorkerState.BUSY and host.pool.backend == "model"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        host.pool.batch_done(busy)  # released: it retires instead of taking another batch
+        assert busy.state is WorkerState.RETIRING
+        await asyncio.wait_for(release, 1.0)
+        assert loop.time() - start < 1.0  # it looks for the exits every few milliseconds
+        assert host.pool.workers == {} and host.pool.backend is None
+        await asyncio.sleep(0.02)
+        assert host.spawner.started == 2 and host.counters["respawns"] == 0
+        host.pool.adopt(1, "next")
+        assert not host.pool.releasing
+        await host.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("cause", "level", "line"),
+    [
+        (None, "WARNING", "worker {pid} exited with signal SIGKILL (crash)"),
+        ("oom_kill", "ERROR", "worker {pid} was killed by the OOM killer (signal SIGKILL)"),
+        ("watchdog", "WARNING", "worker {pid} exited with signal SIGKILL (watchdog)"),
+    ],
+)
+def test_a_worker_that_exits_unasked_is_logged_with_its_cause(
+    caplog: pytest.LogCaptureFixture, cause: str | None, level: str, line: str
+) -> None:
+    asked: list[tuple[int, bool]] = []
+
+    def exit_cause(code: int, aborted: bool) -> str:
+        asked.append((code, aborted))
+        return str(cause)
+
+    async def body() -> None:
+        host = Host(size=1, exit_cause=exit_cause if cause else None)
+        await host.start()
+        (pid,) = host.pool.workers
+        host.spawner.exit(pid, -signal.SIGKILL)
+        await until(lambda: pid not in host.pool.workers, "the loss")
+        records = [r for r in caplog.records if r.name == "shm_model.host.pool" and str(pid) in r.getMessage()]
+        assert [(r.levelname, r.getMessage()) for r in records[1:]] == [(level, line.format(pid=pid))]
+        assert asked == ([(-signal.SIGKILL, False)] if cause else [])
+        await host.close()
+
+    caplog.set_level(logging.INFO, "shm_model.host.pool")
+    run(body())
+
+
+def test_exits_are_described_by_signal_name_or_code() -> None:
+    assert describe_exit(-signal.SIGSEGV) == "signal SIGSEGV"
+    assert describe_exit(-200) == "signal 200"
+    assert describe_exit(0) == "exit code 0"
+    assert describe_exit(3) == "exit code 3"
+
+
+def test_replacements_back_off_while_workers_keep_failing_to_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        host = Host(size=1)
+        delays: list[float] = []
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "call_later", lambda delay, *args: delays.append(delay))
+        for failures in (0, 1, 2, 5, 6, 9):
+            host.pool.boot_failures = failures
+            host.pool.schedule_respawn()
+        assert delays == [0.0, 0.2, 0.4, 3.2, 5.0, 5.0]
+
+    run(body())
+
+
+def test_the_process_spawner_waits_for_and_reaps_its_children() -> None:
+    spawner = ProcessSpawner(start_method="spawn", threads=1, max_frame_bytes=1000)
+    assert list(spawner.reap()) == []  # no child at all
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(0.05)
+        os._exit(7)
+    spawner._popen[pid] = None  # type: ignore[assignment]
+    spawner.wait(pid)
+    assert pid not in spawner._popen
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped by wait
+    spawner.wait(pid)  # gone already: no error
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    spawner._popen[pid] = None  # type: ignore[assignment]
+    deadline = time.monotonic() + DEADLINE
+    reaped: list[tuple[int, int]] = []
+    while not reaped and time.monotonic() < deadline:
+        reaped = list(spawner.reap())
+        time.sleep(0.005)
+    assert reaped == [(pid, 7)] and pid not in spawner._popen
+    spawner.signal(pid, signal.SIGTERM)  # a pid that is gone is no error
+
+
+def test_a_forked_worker_shares_its_pause_flag_with_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[dict[str, Any]] = []
+
+    class Recorded:
+        def __init__(self, fd: int, backend: Any, **kwargs: Any) -> None:
+            made.append({"backend": backend, **kwargs})
+
+    monkeypatch.setattr(pool_module, "Worker", Recorded)
+    monkeypatch.setattr(pool_module.os, "fork", lambda: 4321)  # the parent's side of the fork
+
+    async def body() -> None:
+        spawner = ProcessSpawner(start_method="fork", threads=3, max_frame_bytes=1000)
+        started = await spawner.start(2, "model")
+        assert started.pid == 4321 and spawner._popen == {}
+        assert started.pause is not None and len(started.pause) == 1 and started.pause[0] == 0
+        (kwargs,) = made
+        assert kwargs["pause"] is started.pause  # what the supervisor sets, the worker sees
+        assert kwargs == {
+            "backend": "model",
+            "threads": 3,
+            "generation": 2,
+            "parent_pid": os.getpid(),
+            "max_frame_bytes": 1000,
+            "forked": True,
+            "pause": started.pause,
+        }
+        started.writer.close()
+
+    run(body())
+
+
+def test_a_spawned_worker_is_a_fresh_interpreter_given_its_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[list[str], tuple[int, ...]]] = []
+
+    class Popen:
+        pid = 5678
+
+        def __init__(self, command: list[str], pass_fds: tuple[int, ...]) -> None:
+            calls.append((command, pass_fds))
+
+    monkeypatch.setattr(pool_module.subprocess, "Popen", Popen)
+
+    async def body() -> None:
+        spawner = ProcessSpawner(start_method="spawn", threads=3, max_frame_bytes=1000)
+        started = await spawner.start(2, None)
+        assert started.pid == 5678 and started.pause is None  # its batches cannot be paused
+        assert isinstance(spawner._popen[5678], Popen)
+        ((command, pass_fds),) = calls
+        fd = int(command[4])
+        assert command == [
+            sys.executable, "-m", "workers.worker", "--fd", str(fd),
+            "--generation", "2", "--parent", str(os.getpid()), "--threads", "3",
+        ]  # fmt: skip
+        assert pass_fds == (fd,)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the child's end is closed in the supervisor once passed on
+        assert await started.reader.read() == b""  # its other end is the child's alone
+        started.writer.close()
+
+    run(body())
+
+
+def test_adopting_a_generation_ends_a_release_and_respawns_are_counted() -> None:
+    async def body() -> None:
+        host = Host(size=1)
+        await host.start()
+        await host.pool.start_generation(1, "next")
+        host.pool.releasing = True
+        host.pool.adopt(1, "next")
+        assert host.pool.releasing is False and host.pool.backend == "next"
+        await until(lambda: host.states() == ["idle"], "the old generation to go")
+        for expected in (1, 2):
+            (pid,) = host.pool.workers
+            host.spawner.exit(pid, -signal.SIGKILL)
+            await until(lambda gone=pid: host.states() == ["idle"] and gone not in host.pool.workers, "a replacement")
+            assert host.counters["respawns"] == expected
+        await host.close()
+
+    run(body())
+
+
+def test_deferred_replacements_are_started_once_each() -> None:
+    async def body() -> None:
+        host = Host(size=2)
+        await host.start()
+        host.pool.loading_model = True
+        lost = list(host.pool.workers)
+        for pid in lost:
+            host.spawner.exit(pid, -signal.SIGKILL)
+        await until(lambda: not host.pool.workers, "the losses")
+        await asyncio.sleep(0.02)
+        assert host.spawner.started == 2
+        host.pool.loading_model = False
+        host.pool.respawn_deferred()
+        await until(lambda: host.states() == ["idle", "idle"], "both deferred replacements")
+        host.pool.respawn_deferred()  # none is left to start
+        await asyncio.sleep(0.02)
+        assert host.spawner.started == 4
+        await host.close()
+
+    run(body())
+
+
+class SilentSpawner(FakeSpawner):
+    """Workers that start but never say ready (a model load that hangs)."""
+
+    async def _run(self, pid: int, child: Any, boot: bool) -> None:
+        await asyncio.Event().wait()
+
+
+def test_a_worker_that_never_says_ready_is_given_up_after_the_boot_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        host = Host(size=1, spawner=SilentSpawner(), boot_timeout=0.05)
+        with pytest.raises(InternalError, match="did not become ready"):
+            await host.start()
+        (pid,) = [p for p, _ in host.spawner.exited] or list(host.pool.workers)
+        await until(lambda: pid in host.spawner.sent(signal.SIGKILL), "the silent worker to be killed")
+        assert host.pool.boot_failures >= 1
+        assert f"worker {pid} failed to boot: TimeoutError" in caplog.messages
+        await host.close()
+
+    run(body())
+
+
+def test_a_smaller_pool_retires_only_the_idle_workers_beyond_its_size() -> None:
+    async def body() -> None:
+        host = Host(size=3)
+        await host.start()
+        busy, *idle = sorted(host.pool.workers.values(), key=lambda w: w.pid)
+        busy.assign([], 1, "bulk")
+        host.pool.resize(2)
+        assert busy.state is WorkerState.BUSY
+        assert sorted(w.state.value for w in idle) == ["idle", "retiring"]
+        await until(lambda: len(host.pool.workers) == 2, "the retired worker to go")
+        (kept,) = [w for w in idle if w.state is WorkerState.IDLE]
+        host.pool.loading_model = True  # a worker lost now is not replaced yet
+        host.spawner.exit(busy.pid, -signal.SIGKILL)
+        await until(lambda: busy.pid not in host.pool.workers, "the loss")
+        host.pool.resize(1)  # one serves already: none retires
+        assert kept.state is WorkerState.IDLE and host.pool.serving() == [kept]
+        host.pool.loading_model = False
+        host.pool.respawn_deferred()  # the pool is full at its new size: nothing starts
+        await asyncio.sleep(0.02)
+        assert host.spawner.started == 3 and host.states() == ["idle"]
+        await host.close()
+
+    run(body())
+
+
+class RecordingSpawner(FakeSpawner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, Any]] = []
+
+    async def start(self, generation: int, backend: Any) -> Any:
+        self.asked.append((generation, backend))
+        return await super().start(generation, backend)
+
+
+def test_a_new_generation_s_workers_are_started_as_that_generation_and_counted_apart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "shm_model.host.pool")
+
+    async def body() -> None:
+        spawner = RecordingSpawner()
+        host = Host(size=1, spawner=spawner)
+        await host.start()
+        (old,) = host.pool.workers.values()
+        old.assign([], 1, "bulk")
+        (meta,) = await host.pool.start_generation(1, "model-1")
+        assert meta == META
+        (new,) = [w for w in host.pool.workers.values() if w is not old]
+        host.pool.adopt(1, "model-1")
+        assert spawner.asked == [(0, None), (1, "model-1")]
+        assert f"started worker {new.pid} (generation 1)" in caplog.messages
+        assert host.pool.live() == [new] and host.pool.live(1) == [new]
+        assert host.pool.live(0) == [old]  # busy: retired after its batch
+        host.pool.batch_done(old)
+        await until(lambda: old.pid not in host.pool.workers, "the old worker to go")
+        assert host.pool.live(0) == [] and host.pool.live(1) == [new]
+        await host.close()
+
+    run(body())
+
+
+class WrongHelloSpawner(FakeSpawner):
+    """Workers whose first frame is not a proper ``ready``."""
+
+    def __init__(self, hello: dict[str, Any]) -> None:
+        super().__init__()
+        self.hello = hello
+
+    async def _run(self, pid: int, child: Any, boot: bool) -> None:
+        _, writer = await asyncio.open_unix_connection(sock=child)
+        writer.write(pack(self.hello))
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("hello", [{"op": "ready"}, {"op": "hello", "backend": META}, {"backend": META}])
+def test_a_worker_whose_first_frame_is_not_ready_with_its_model_fails_to_boot(
+    caplog: pytest.LogCaptureFixture, hello: dict[str, Any]
+) -> None:
+    async def body() -> None:
+        host = Host(size=1, spawner=WrongHelloSpawner(hello))
+        with pytest.raises(InternalError):
+            await host.start()
+        first = 1000
+        assert host.pool.boot_failures >= 1 and first in host.spawner.sent(signal.SIGKILL)
+        assert f"worker {first} failed to boot: worker {first} sent {hello!r} instead of ready" in caplog.messages
         await host.close()
 
     run(body())

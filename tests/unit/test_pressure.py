@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import struct
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,9 @@ def test_memory_watch_over_fake_cgroup_files(tmp_path: Path) -> None:
     assert set(report["health"]["reasons"]) == {"memory_pressure", "workers_below_target"}
     assert report["memory_pressure"]["cgroup_limit"] == GiB and report["memory_pressure"]["degraded_for_s"] == 0.5
     assert report["memory_pressure"]["capacity"] == {"workers": 2, "max_batch_tokens": 4096, "queue_size": 256}
+    assert (report["memory_pressure"]["degraded"], report["memory_pressure"]["episodes"]) == (True, 1)
+    assert report["memory_pressure"]["full_capacity"] == asdict(FULL)
+    assert report["memory_pressure"]["cgroup"] == asdict(watch.cgroup)
     (cg / "memory.current").write_text(f"{100 * MiB}\n")
     watch.check(2.0, watch.read([]))
     assert watch.check(7.0, watch.read([])) == FULL
@@ -321,6 +325,9 @@ def test_memory_watch_over_fake_cgroup_files(tmp_path: Path) -> None:
     assert watch.worker_died(-signal.SIGKILL, aborted=True) == "watchdog"
     assert watch.report(8.0, workers=4, target=4)["restarts"] == {"oom_kill": 1, "watchdog": 1, "crash": 2}
     assert watch.report(8.0, workers=4, target=4)["health"] == {"status": "ok", "reasons": {}}
+    calm = watch.report(8.0, workers=4, target=4)["memory_pressure"]
+    assert (calm["degraded"], calm["degraded_for_s"], calm["episodes"]) == (False, None, 1)
+    assert calm["capacity"] == asdict(FULL)
 
 
 def test_memory_watch_measures_workers_and_the_host_under_a_memory_limit(tmp_path: Path) -> None:

@@ -71,11 +71,13 @@ def test_smaps_breakdown_sums_private_pages_per_kind(monkeypatch: pytest.MonkeyP
         "VmFlags: rd ex mr mw me\n"
         "7f40-7f50 rw-p 00000000 00:00 0 [heap]\n"
         "Private_Dirty:         5 kB\n"
+        "7f50-7f60 r--p 00000000 08:01 4 /models/my model/model.safetensors\n"
+        "Private_Clean:         6 kB\n"
     )
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(smaps if path == "/proc/7/smaps" else path))
     assert smaps_breakdown(7) == {
-        "weight-file": {"private_clean": 4096, "private_dirty": 0},
+        "weight-file": {"private_clean": 4096 + 6144, "private_dirty": 0},  # a path with a space too
         "heap-and-anon": {"private_clean": 1024, "private_dirty": 13 * 1024},
         "shm": {"private_clean": 0, "private_dirty": 2048},
         "code-and-files": {"private_clean": 3072, "private_dirty": 0},
@@ -136,3 +138,65 @@ def test_public_names_are_lazy_and_stay_what_they_are() -> None:
     with pytest.raises(AttributeError) as info:
         shm_model.nothing  # noqa: B018
     assert str(info.value) == "module 'shm_model' has no attribute 'nothing'"
+
+
+def test_json_log_lines_are_one_object_each_with_role_pid_and_extras(
+    clean_root: logging.Logger, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    monkeypatch.setenv("SHM_MODEL_LOG_FORMAT", "json")
+    monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
+    logs.setup(role="supervisor")
+    assert clean_root.level == logging.WARNING
+    logger = logging.getLogger("shm_model.test")
+    logger.info("not shown")
+    logger.warning("café %d", 3, extra={"worker": 7})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "café" in lines[0]  # not escaped to \u00e9
+    record = json.loads(lines[0])
+    assert {k: v for k, v in record.items() if k != "time"} == {
+        "level": "WARNING",
+        "role": "supervisor",
+        "pid": os.getpid(),
+        "logger": "shm_model.test",
+        "message": "café 3",
+        "worker": 7,
+    }
+    assert record["time"].startswith("20")
+    logs.setup(log_format="text")  # the level still comes from the environment
+    assert clean_root.level == logging.WARNING
+    logger.warning("plain")
+    assert capsys.readouterr().err.strip().endswith(f"WARNING [supervisor {os.getpid()}] shm_model.test: plain")
+
+
+def test_setup_reads_only_what_it_was_not_given(
+    clean_root: logging.Logger, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHM_MODEL_LOG_FORMAT", "json")
+    monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "error")
+    logs.setup("debug", role="worker g1")
+    assert clean_root.level == logging.DEBUG
+    logging.getLogger("shm_model.test").debug("d")
+    assert capsys.readouterr().err.startswith('{"time"')
+    monkeypatch.delenv("SHM_MODEL_LOG_FORMAT")
+    monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "bogus")
+    logs.setup("info", log_format="text")  # both given: the bad variable is not read
+    logging.getLogger("shm_model.test").info("i")
+    assert capsys.readouterr().err.strip().endswith(f"INFO [worker g1 {os.getpid()}] shm_model.test: i")
+    monkeypatch.delenv("SHM_MODEL_LOG_LEVEL")
+    logs.setup()  # neither given nor set: info, as text
+    assert clean_root.level == logging.INFO
+    logging.getLogger("shm_model.test").info("i")
+    assert capsys.readouterr().err.strip().endswith(f"INFO [worker g1 {os.getpid()}] shm_model.test: i")
+    logs.setup("info", log_format="json")  # the handler that is there changes format
+    logging.getLogger("shm_model.test").info("j")
+    assert capsys.readouterr().err.startswith('{"time"')
+
+
+def test_a_bad_log_setting_is_a_config_error(clean_root: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shm_model.errors import ConfigError
+
+    monkeypatch.setenv("SHM_MODEL_LOG_FORMAT", "xml")
+    with pytest.raises(ConfigError, match="SHM_MODEL_LOG_FORMAT='xml' is invalid"):
+        logs.setup("info")

@@ -209,7 +209,24 @@ def test_run_forked_exits_with_run_s_code_or_1(monkeypatch: pytest.MonkeyPatch) 
     assert exits == [0, 1, 1]
 
 
-def test_a_spawned_worker_loads_its_backend_and_serves(monkeypatch: pytest.MonkeyPatch, limits: list) -> None:
+@pytest.mark.parametrize(
+    ("options", "role", "ready"),
+    [
+        (["--generation", "02", "--threads", "3"], "worker g2", "ready (3 torch threads)"),
+        ([], "worker g0", "ready (1 torch threads)"),  # the defaults
+    ],
+)
+def test_a_spawned_worker_loads_its_backend_and_serves(
+    monkeypatch: pytest.MonkeyPatch,
+    limits: list,
+    caplog: pytest.LogCaptureFixture,
+    options: list[str],
+    role: str,
+    ready: str,
+) -> None:
+    from shm_model import logs
+
+    caplog.set_level(logging.INFO, "workers.worker")
     monkeypatch.setenv("SHM_MODEL_BACKEND", "dummy")
     monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
     supervisor, channel = socket.socketpair()
@@ -226,13 +243,13 @@ def test_a_spawned_worker_loads_its_backend_and_serves(monkeypatch: pytest.Monke
     thread = threading.Thread(target=supervise)
     thread.start()
     try:
-        argv = ["--fd", str(fd), "--parent", str(os.getppid()), "--generation", "2", "--threads", "1"]
+        argv = ["--fd", str(fd), "--parent", str(os.getppid()), *options]
         assert worker_module.main(argv) == 0
+        assert logs._role == role
     finally:
         thread.join(10)
-        from shm_model import logs
-
         logs.set_role("client")
+    assert [m for m in caplog.messages if m.startswith("ready")] == [ready]
     assert frames[0].header["op"] == "ready" and frames[0].header["backend"]["model"] == "dummy"
     assert vectors_from_frame(frames[1]).shape == (1, 32)
 
@@ -251,7 +268,10 @@ def test_a_spawned_worker_that_cannot_load_the_model_exits_with_the_boot_error(
     b.close()
     try:
         assert worker_module.main(["--fd", str(fd), "--parent", str(os.getppid())]) == WORKER_BOOT_ERROR
-        assert "worker could not load the model: model 'x' not found" in caplog.text
+        assert "worker could not load the model: model 'x' not found" in caplog.messages
+        from shm_model import logs
+
+        assert logs._role == "worker g0"  # no --generation: the first
     finally:
         a.close()
         os.close(fd)
@@ -335,3 +355,166 @@ def test_a_forked_worker_does_not_wait_for_a_progress_lock_a_killed_worker_held(
         finally:
             os._exit(code)
     assert _wait_exit(child, 30) == 0, "the forked worker blocked on the progress-bar lock a killed worker held"
+
+    class Bar(std.tqdm):  # a bar class that made a lock of its own before the fork
+        pass
+
+    class Plain(std.tqdm):  # one that uses tqdm's
+        pass
+
+    monkeypatch.setattr(Bar, "_lock", std.TqdmDefaultWriteLock(), raising=False)
+    monkeypatch.delattr(std.tqdm, "_lock", raising=False)  # tqdm's own not made yet
+    worker_module.own_progress_lock()  # here too: the lock the killed worker holds is no longer used
+    assert std.TqdmDefaultWriteLock.mp_lock is None
+    lock = std.tqdm.get_lock()
+    assert Bar.get_lock() is lock and Plain.get_lock() is lock and "_lock" not in vars(Plain)
+    list(std.trange(3, disable=True))
+
+
+def test_a_paused_batch_waits_at_the_gate_until_the_flag_is_cleared(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "workers.worker")
+    supervisor, channel = socket.socketpair()
+    pause = bytearray(b"\x01")
+    w = Worker(-1, ModelSet([("dummy", Recorder())]), threads=3, generation=4, parent_pid=0, max_frame_bytes=1000,
+               forked=False, pause=pause)  # type: ignore[arg-type]  # fmt: skip
+    w.channel = channel
+    thread = threading.Thread(target=w.run)
+    thread.start()
+    try:
+        assert recv_frame(supervisor, 1 << 20).header["op"] == "ready"
+        supervisor.sendall(pack({"op": "encode", "id": 1, "texts": ["__sleep__:0.01"]}))
+        supervisor.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            recv_frame(supervisor, 1 << 20)  # held between two steps while the flag is set
+        pause[0] = 0
+        supervisor.settimeout(5)
+        assert recv_frame(supervisor, 1 << 20).header["ok"] is True
+    finally:
+        supervisor.close()
+        thread.join(5)
+        channel.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "workers.worker"]
+    assert messages == ["ready (3 torch threads)", "channel closed; exiting"]
+
+
+def test_the_pause_gate_returns_once_the_flag_is_clear() -> None:
+    flag = bytearray(b"\x01")
+    gate = worker_module.pause_gate(flag)  # type: ignore[arg-type]
+    thread = threading.Thread(target=gate)
+    thread.start()
+    thread.join(0.05)
+    assert thread.is_alive()
+    flag[0] = 0
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_batch_for_a_named_model_is_encoded_by_that_model() -> None:
+    first, second = Recorder(), Recorder()
+    second.dimension = 8
+    w = Worker(-1, ModelSet([("a", first), ("b", second)]), threads=1, generation=0, parent_pid=0,
+               max_frame_bytes=1000, forked=False)  # fmt: skip
+    assert vectors_from_frame(reply(w.handle({"op": "encode", "id": 1, "texts": ["x"], "model": "b"}))).shape == (1, 8)
+    assert vectors_from_frame(reply(w.handle({"op": "encode", "id": 1, "texts": ["x"]}))).shape == (1, 32)
+    missing = reply(w.handle({"op": "encode", "id": 1, "texts": ["x"], "model": "c"})).header
+    assert missing["error"]["code"] == "model_not_found"
+
+
+def test_a_failed_encode_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    make_worker(Broken()).handle({"op": "encode", "id": 4, "texts": ["a"]})
+    (record,) = [r for r in caplog.records if r.name == "workers.worker"]
+    assert record.getMessage() == "encode failed" and record.levelname == "ERROR"
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
+
+
+def test_a_worker_that_fails_logs_why_before_it_exits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(os, "_exit", lambda code: None)
+    w = make_worker(Recorder())
+    monkeypatch.setattr(w, "init_process", lambda: 1 / 0)
+    run_forked(w)
+    (record,) = [r for r in caplog.records if r.name == "workers.worker"]
+    assert record.getMessage() == "worker failed" and record.exc_info is not None
+
+
+def test_a_worker_asks_to_be_killed_with_its_parent() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    signum = ctypes.c_int(-1)
+    libc.prctl(2, ctypes.byref(signum), 0, 0, 0)  # PR_GET_PDEATHSIG
+    saved = signum.value
+    try:
+        die_with_parent(os.getppid())
+        libc.prctl(2, ctypes.byref(signum), 0, 0, 0)
+        assert signum.value == signal.SIGKILL
+    finally:
+        libc.prctl(1, saved, 0, 0, 0)  # PR_SET_PDEATHSIG: as it was
+
+
+def test_a_forked_worker_drops_the_parent_s_descriptors_and_signal_handlers(
+    limits: list[tuple[int, tuple[int, int]]],
+) -> None:
+    """What a forked worker must not keep of the supervisor: its wakeup fd and signal handlers, and
+    every descriptor but its channel (client connections, the listening socket, other channels).
+    A spawned worker (a fresh interpreter) has nothing of the supervisor's: it keeps what it has."""
+    import json
+
+    a, b = socket.socketpair()
+    spawned = make_worker(Recorder(), fd=os.dup(b.fileno()))
+    saved_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        spawned.init_process()
+        os.fstat(a.fileno())  # still open
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, saved_term)
+        for sock in (a, b, spawned.channel):
+            if sock is not None:
+                sock.close()
+        from shm_model import logs
+
+        logs.set_role("client")
+    supervisor, channel = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.dup2(channel.fileno(), 10)
+            for fd in (3, 9, 11, 12):
+                os.dup2(supervisor.fileno(), fd)
+            _, wake = os.pipe()
+            os.set_blocking(wake, False)
+            signal.set_wakeup_fd(wake)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGABRT):
+                signal.signal(sig, lambda *args: None)
+            w = Worker(10, None, threads=1, generation=2, parent_pid=os.getppid(), max_frame_bytes=1000, forked=True)
+            w.init_process()
+            still_open = []
+            for fd in range(3, 64):
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    continue
+                still_open.append(fd)
+            handlers = [signal.getsignal(s) is signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)]
+            report = {
+                "open": still_open,
+                "wakeup": signal.set_wakeup_fd(-1),
+                "handlers": [*handlers, signal.getsignal(signal.SIGABRT) is signal.SIG_DFL],
+                "sigint": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+            }
+            assert w.channel is not None
+            w.channel.sendall(json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    channel.close()
+    with supervisor:
+        supervisor.settimeout(30)
+        data = b""
+        while chunk := supervisor.recv(1 << 16):
+            data += chunk
+    assert _wait_exit(pid, 30) == 0
+    assert json.loads(data) == {"open": [10], "wakeup": -1, "handlers": [True] * 4, "sigint": True}
