@@ -300,16 +300,16 @@ def _http_levels(plan: Plan, model: str) -> dict[str, Any]:
             if problem:
                 return {"error": f"the API server did not start: {problem}"}
             call = _embeddings_caller(port, "/v1/embeddings", {})
-            http_rows = []
-            for n in levels:
+            client = HostClient(sock, timeout=120, pool_size=max(levels))
+            encode = lambda k, i: client.encode([SENTENCES[(k + i) % 6]])  # noqa: E731
+            http_rows, client_rows = [], []
+            for n in levels:  # each level through the client, then through HTTP
+                client_rows.append(_drive(n, plan.level_seconds, encode))
                 http_rows.append(_drive(n, plan.level_seconds, call))
                 progress(f"concurrency: /v1/embeddings, {n} clients: {http_rows[-1]['throughput_rps']:.0f} req/s")
+            client.close()
         finally:
             end(proc)
-        client = HostClient(sock, timeout=120, pool_size=max(levels))
-        encode = lambda k, i: client.encode([SENTENCES[(k + i) % 6]])  # noqa: E731
-        client_rows = [_drive(n, plan.level_seconds, encode) for n in levels]
-        client.close()
     return {"http": http_rows, "client": client_rows}
 
 
