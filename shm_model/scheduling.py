@@ -406,9 +406,9 @@ class Scheduler:
     def take(self, now: float, threads: int = 1, ways: int = 1) -> list[Piece]:
         """The next batch: pieces of one class, one model and one prompt, within the limits.
 
-        ``ways`` is how many batches share the interactive work at once (the idle workers and
-        those running an interactive batch): an interactive batch then takes at most an even
-        share of the waiting texts (``even_share``).
+        ``ways`` is how many batches serve the interactive work side by side (the dispatcher's
+        ``_ways``: those running, this one, and the idle workers the free cores allow): an
+        interactive batch then takes at most an even share of the waiting texts (``even_share``).
         """
         while True:
             priority = self.next_priority()
