@@ -95,7 +95,7 @@ def find_cgroup(directory: str | None = None, proc_cgroup: str = "/proc/self/cgr
         if os.path.exists(os.path.join(directory, "memory.limit_in_bytes")):
             return Cgroup(version=1, directory=directory)
         return None
-    text = _read_text(proc_cgroup) or ""
+    text = read_text(proc_cgroup) or ""
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
@@ -113,16 +113,17 @@ def find_cgroup(directory: str | None = None, proc_cgroup: str = "/proc/self/cgr
     return None
 
 
-def _read_text(path: str) -> str | None:
+def read_text(path: str, limit: int = MAX_FILE_BYTES) -> str | None:
+    """The first ``limit`` bytes of a small kernel file (/proc, /sys), or None when it cannot be read."""
     try:
         with open(path, "rb") as fh:
-            return fh.read(MAX_FILE_BYTES).decode("ascii", "replace")
+            return fh.read(limit).decode("ascii", "replace")
     except OSError:
         return None
 
 
 def _read_int(path: str) -> int | None:
-    text = _read_text(path)
+    text = read_text(path)
     if text is None:
         return None
     value = text.strip()
@@ -138,7 +139,7 @@ def _read_int(path: str) -> int | None:
 def _keyed(path: str) -> dict[str, int]:
     """``key value`` lines (memory.stat, memory.events, memory.oom_control, /proc/vmstat)."""
     out: dict[str, int] = {}
-    for line in (_read_text(path) or "").splitlines():
+    for line in (read_text(path) or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             out[parts[0]] = int(parts[1])
@@ -147,7 +148,7 @@ def _keyed(path: str) -> dict[str, int]:
 
 def read_psi(path: str) -> float | None:
     """The ``some avg10`` of a PSI file: percent of the last 10 s in which some task waited for memory."""
-    for line in (_read_text(path) or "").splitlines():
+    for line in (read_text(path) or "").splitlines():
         if line.startswith("some "):
             for item in line.split()[1:]:
                 key, _, value = item.partition("=")

@@ -15,17 +15,17 @@ the host's own processes (/proc/<pid>/stat), over the last sampling interval.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterable
+
+from shm_model.pressure import read_text
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: Seconds between two readings.
 INTERVAL = 0.2
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.read(1 << 20)
+#: /proc/stat holds a line per CPU before its long interrupt counts: room for thousands of CPUs.
+_read = functools.partial(read_text, limit=1 << 20)
 
 
 def busy_ticks(proc_stat: str, cpus: set[int]) -> int:
@@ -49,7 +49,9 @@ def process_ticks(pid_stat: str) -> int:
 class OutsideLoad:
     """Cores' worth of CPU that processes other than the host's used over the last interval."""
 
-    def __init__(self, cpus: Iterable[int], read: Callable[[str], str] = _read, ticks: int = CLOCK_TICKS) -> None:
+    def __init__(
+        self, cpus: Iterable[int], read: Callable[[str], str | None] = _read, ticks: int = CLOCK_TICKS
+    ) -> None:
         self.cpus = set(cpus)
         self.read = read
         self.ticks = ticks
@@ -57,12 +59,18 @@ class OutsideLoad:
         self._last: tuple[float, int, dict[int, int]] | None = None
 
     def sample(self, now: float, pids: Iterable[int]) -> float:
-        """Read the counters; the outside load since the previous reading (0 on the first)."""
-        cores = busy_ticks(self.read("/proc/stat"), self.cpus)
+        """Read the counters; the outside load since the previous reading (0 on the first).
+        Raises OSError when /proc/stat cannot be read."""
+        stat = self.read("/proc/stat")
+        if stat is None:
+            raise OSError("cannot read /proc/stat")
+        cores = busy_ticks(stat, self.cpus)
         own: dict[int, int] = {}
         for pid in pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):  # a worker that just exited
-                own[pid] = process_ticks(self.read(f"/proc/{pid}/stat"))
+            text = self.read(f"/proc/{pid}/stat")  # None: a worker that just exited
+            if text is not None:
+                with contextlib.suppress(ValueError, IndexError):
+                    own[pid] = process_ticks(text)
         if self._last is not None:
             then, cores_then, own_then = self._last
             # A process that appeared since counts whole (it started within the interval).

@@ -84,12 +84,18 @@ def single_threaded() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
+def available_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity); None where that is not known (not Linux)."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity), not every core of the machine."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    cpus = available_cpus()
+    return max(1, len(cpus)) if cpus is not None else os.cpu_count() or 1
 
 
 class Supervisor:
@@ -307,9 +313,8 @@ class Supervisor:
         """Read the other processes' load on the host's cores every INTERVAL; batches get no
         thread on a core they keep busy (``cpuload``)."""
         loop = asyncio.get_running_loop()
-        try:
-            cpus = os.sched_getaffinity(0)
-        except AttributeError:  # not Linux
+        cpus = available_cpus()
+        if cpus is None:
             return
         self.outside = OutsideLoad(cpus)
         while not self._stopping:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from shm_model.host.cpuload import OutsideLoad, busy_ticks, process_ticks
 from shm_model.scheduling import CoreShare
 
@@ -40,10 +42,8 @@ def test_process_ticks_read_user_and_system_time_after_a_command_with_spaces() -
 def test_outside_load_is_what_the_cores_did_beyond_the_hosts_processes() -> None:
     files: dict[str, str] = {}
 
-    def read(path: str) -> str:
-        if path not in files:
-            raise FileNotFoundError(path)  # as /proc does for a process that exited
-        return files[path]
+    def read(path: str) -> str | None:
+        return files.get(path)  # None, as for the /proc file of a process that exited
 
     load = OutsideLoad({0, 1}, read=read, ticks=100)
     files.update({"/proc/stat": stat(0, 0), "/proc/10/stat": pid_stat(10, 0), "/proc/11/stat": pid_stat(11, 0)})
@@ -67,6 +67,12 @@ def test_outside_load_reads_this_machine() -> None:
     load = OutsideLoad(os.sched_getaffinity(0))
     load.sample(0.0, [os.getpid()])
     assert load.sample(1.0, [os.getpid()]) >= 0.0
+
+
+def test_an_unreadable_proc_stat_is_an_error_the_supervisor_reports() -> None:
+    load = OutsideLoad({0}, read=lambda path: None)
+    with pytest.raises(OSError, match="/proc/stat"):
+        load.sample(0.0, [])
 
 
 def test_a_batch_gets_no_thread_on_a_core_other_processes_keep_busy() -> None:
