@@ -63,6 +63,12 @@ def kiwi() -> Any:
     return Kiwi()
 
 
+def _tokenize(text: str) -> list[Any]:
+    """Kiwi's morphemes of ``text`` (one analyser shared by every thread, used one at a time)."""
+    with _kiwi_lock:
+        return kiwi().tokenize(text)
+
+
 def split_sentences(text: str) -> list[str]:
     with _kiwi_lock:
         return [s.text.strip() for s in kiwi().split_into_sents(text) if s.text.strip()]
@@ -72,10 +78,8 @@ def terms(text: str) -> list[str]:
     """Terms for BM25: content morphemes and numbers, lower-cased, plus the character bigrams
     of longer nouns, since the analyser splits compounds differently in context
     ("서울특별시" in a table row, "서울 특별시" in a question)."""
-    with _kiwi_lock:
-        tokens = kiwi().tokenize(text)
     out: list[str] = []
-    for token in tokens:
+    for token in _tokenize(text):
         if token.tag.startswith(BM25_TAGS):
             form = token.form.lower()
             out.append(form)
@@ -86,9 +90,7 @@ def terms(text: str) -> list[str]:
 
 def nouns(text: str) -> list[str]:
     """The nouns of ``text`` (common and proper, two syllables or more) and its Latin words."""
-    with _kiwi_lock:
-        tokens = kiwi().tokenize(text)
-    return [t.form for t in tokens if t.tag in ("NNG", "NNP", "SL") and len(t.form) >= 2]
+    return [t.form for t in _tokenize(text) if t.tag in ("NNG", "NNP", "SL") and len(t.form) >= 2]
 
 
 def grams(text: str) -> set[str]:
@@ -129,8 +131,7 @@ def _common_noun(form: str) -> bool:
     dictionary knows instead: "인구", "총인구", "가구", "당시", "활동" (not "남구", "가온시")."""
     if not _PLACE.fullmatch(form):
         return False
-    with _kiwi_lock:
-        last = kiwi().tokenize(form)[-1]
+    last = _tokenize(form)[-1]
     return last.tag == "NNG" and not last.oov and len(last.form) >= 2 and form.endswith(last.form)
 
 
