@@ -248,6 +248,13 @@ def _host_levels(plan: Plan, model: str, dtype: str = "float32") -> list[dict[st
     return rows
 
 
+def _tail(path: str, size: int = 64 * 1024) -> str:
+    """The last ``size`` bytes of a log file (a server may have written a lot before failing)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - size))
+        return f.read().decode("utf-8", "replace")
+
+
 def _wait_http(port: int, path: str, proc: subprocess.Popen[Any], timeout: float, log: str) -> str | None:
     """None once GET ``path`` answers 200, else why not (the process ended, or the time ran out)."""
     deadline = time.monotonic() + timeout
@@ -260,7 +267,7 @@ def _wait_http(port: int, path: str, proc: subprocess.Popen[Any], timeout: float
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            lines = open(log, encoding="utf-8", errors="replace").read().strip().splitlines() if log else []
+            lines = _tail(log).strip().splitlines()
             return lines[-1] if lines else f"exit {proc.returncode}"
         time.sleep(0.2)
 
