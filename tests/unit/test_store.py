@@ -215,7 +215,7 @@ def test_reindexing_replaces_every_vector_and_the_model(store: SQLiteStore) -> N
     store.check_model("old", 2)
     store.replace_document(document("/a", [[1, 0], [0, 1]]), 1.0)
     ids = [cid for cid, _ in store.chunk_texts()]
-    with pytest.raises(StoreError, match="changed while it was being re-indexed"):
+    with pytest.raises(StoreError, match=r"^the store changed while it was being re-indexed; run reindex again$"):
         store.replace_vectors("new", 3, ids[:1], np.zeros((1, 3), dtype=np.float32))
     assert store.model() == ("old", 2) and store.generation() == 1
     store.replace_vectors("new", 3, ids, np.array([[0, 0, 1], [1, 0, 0]], dtype=np.float32))
@@ -264,3 +264,48 @@ def test_open_store_picks_sqlite_for_a_path_and_postgres_for_a_url(tmp_path: Pat
 def test_a_postgres_schema_name_that_is_not_an_identifier_is_refused_before_connecting() -> None:
     with pytest.raises(StoreError, match="invalid schema name 'rag; DROP TABLE x'"):
         PgStore("postgresql://u:p@/db?host=/nonexistent", schema="rag; DROP TABLE x")
+
+
+def test_tables_are_stored_with_their_header_and_location(store: SQLiteStore) -> None:
+    store.check_model("m", 2)
+    doc_id = store.replace_document(document("/a", [[1, 0], [0, 1]]), 1.0)
+    rows = store._db.execute("SELECT document_id, ordinal, caption, location, header, markdown FROM tables").fetchall()
+    assert rows == [(doc_id, 0, FEES.caption, '{"page":2}', '["과목","수강료"]', FEES.markdown())]
+
+
+def test_a_row_of_a_table_without_a_caption_keeps_its_cells(store: SQLiteStore) -> None:
+    store.check_model("m", 2)
+    doc = document("/a", [[1, 0], [0, 1]])
+    doc.tables = [(Table(FEES.header, FEES.rows, ""), {})]
+    store.replace_document(doc, 1.0)
+    row_hit = store.hits(store.dense(np.array([0.0, 1.0]), 1))[0]
+    assert (row_hit.row, row_hit.table_caption) == ({"과목": "수영", "수강료": "30,000원"}, "")
+
+
+def test_a_store_with_a_model_name_but_no_dimension_has_no_model(store: SQLiteStore) -> None:
+    store.set_setting("model", "m")
+    assert store.model() is None
+    store.check_model("m", 4)  # adopted whole
+    assert store.model() == ("m", 4)
+
+
+def test_scores_are_cosines_whatever_the_lengths_and_dtype_of_the_vectors(store: SQLiteStore) -> None:
+    store.check_model("m", 2)
+    doc = document("/a", [[0.3, 0.4], [0.0, 0.5]])
+    doc.vectors = doc.vectors.astype(np.float64)  # stored as float32 all the same
+    store.replace_document(doc, 1.0)
+    ids, _ = store.all_terms()
+    scored = store.dense(np.array([0.06, 0.08]), 2)  # short query and short vectors: still cosines
+    assert [cid for cid, _ in scored] == ids
+    assert [round(s, 6) for _, s in scored] == [1.0, 0.8]
+
+
+def test_equal_scores_keep_the_order_the_chunks_were_stored_in(store: SQLiteStore) -> None:
+    store.check_model("m", 2)
+    directions = [[1, 0], [1, 1], [0, 1]]
+    for i in range(40):  # three directions, mixed: ties among other scores
+        store.replace_document(document(f"/d{i:02}", [directions[(i * 7) % 3]], tables=False), 1.0)
+    ids, _ = store.all_terms()
+    ranked = [cid for cid, _ in store.dense(np.array([1.0, 0.0]), 40)]
+    by_direction = [[cid for i, cid in enumerate(ids) if (i * 7) % 3 == d] for d in range(3)]
+    assert ranked == by_direction[0] + by_direction[1] + by_direction[2]
