@@ -65,7 +65,7 @@ def file_mapped(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def place_weights(model: Any, placement: str) -> dict[str, int]:
-    """Put the model's tensors where forked workers share them; return bytes per place.
+    """Put the model's tensors where forked workers share them; return bytes per place (each storage once).
 
     ``shm`` moves every tensor to shared memory, one storage at a time: it copies the
     storage, drops the source pages of a file mapping while the source is still
@@ -80,15 +80,18 @@ def place_weights(model: Any, placement: str) -> dict[str, int]:
     mappings = _Mappings.read()
     placed = {"file": 0, "shm": 0, "anon": 0}
     moved: dict[int, Any] = {}
+    kept: set[int] = set()  # storages left where they are (counted once however many tensors use them)
     for tensor in tensors:
         source = tensor.untyped_storage()
         address, nbytes = source.data_ptr(), source.nbytes()
         kind = classify(mappings.path_of(address))
         if kind == "shm" or source.is_shared():
-            placed["shm"] += nbytes if address not in moved else 0
+            placed["shm"] += nbytes if address not in kept else 0
+            kept.add(address)
             continue
         if kind == "file" and placement == "auto":
-            placed["file"] += nbytes
+            placed["file"] += nbytes if address not in kept else 0
+            kept.add(address)
             continue
         target = moved.get(address)
         if target is None:

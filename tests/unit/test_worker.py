@@ -151,6 +151,23 @@ def test_run_says_ready_serves_batches_and_ends_when_the_channel_closes(monkeypa
     assert trims == [1, 1]
 
 
+def test_run_needs_both_a_model_and_a_channel_and_touches_neither_without_them() -> None:
+    backend = Recorder()
+    unset = make_worker(backend)  # init_process never ran: no channel
+    with pytest.raises(AssertionError):
+        unset.run()
+    assert backend.calls == []  # the model's threads were not set up for a worker that cannot serve
+    supervisor, channel = socket.socketpair()
+    with supervisor, channel:
+        no_model = make_worker(None)  # a spawned worker before its model is loaded
+        no_model.channel = channel
+        with pytest.raises(AssertionError):
+            no_model.run()
+        supervisor.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            supervisor.recv(1)  # no "ready" was sent
+
+
 def test_a_frame_over_the_channel_bound_ends_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, channel = socket.socketpair()
     w = make_worker(Recorder())
