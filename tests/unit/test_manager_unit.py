@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time as time_module
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,7 +38,7 @@ from shm_model.manager import (
 from shm_model.pressure import DEGRADED_KINDS
 from shm_model.protocol import error_reply, result_reply
 from tests.conftest import poll
-from tests.unit.fakehost import FakeHost, default_respond
+from tests.unit.fakehost import OTHER_UID, FakeHost, default_respond
 
 HOST_STATUS: dict[str, Any] = {
     "model": "dummy",
@@ -145,6 +146,7 @@ def test_shared_mode_encodes_on_the_host(make: Callable[..., ModelManager], host
     assert sample("shm_model_requests_total", {"op": "encode", "path": "shared"}) == before + 1
     assert sample("shm_model_request_seconds_count", {"op": "encode", "path": "shared"}) > 0
     assert m._local is None and m.is_model_loaded()
+    assert host.headers[-1]["op"] == "ping" and host.headers[-1]["timeout_ms"] <= HOST_PROBE_TIMEOUT * 1000
     assert [h["op"] for h in host.headers][:2] == ["ping", "encode"]
     assert host.headers[0]["timeout_ms"] <= HOST_PROBE_TIMEOUT * 1000
     with pytest.raises(AttributeError) as info:
@@ -187,7 +189,9 @@ def test_auto_mode_falls_back_when_the_host_goes_away(
     host.close()
     os.unlink(host.path)
     fallbacks = sample("shm_model_fallbacks_total")
+    went_away = "the model host went away; serving from a model in this process"
     assert m._model.encode(["abcd"]).tolist() == [[4.0, 1.0, 2.0, 3.0]]
+    assert caplog.messages.count(went_away) == 1  # said when it happens
     assert m._model.path == "local"
     assert sample("shm_model_fallbacks_total") == fallbacks + 1
     assert m.is_model_loaded()
@@ -196,7 +200,6 @@ def test_auto_mode_falls_back_when_the_host_goes_away(
     m._model.encode(["b"])  # still no host: served here again, without a second warning
     assert sample("shm_model_requests_total", {"op": "encode", "path": "local"}) == served + 1
     assert sample("shm_model_request_seconds_count", {"op": "encode", "path": "local"}) == timed + 1
-    went_away = "the model host went away; serving from a model in this process"
     assert [r.levelname for r in caplog.records if r.getMessage() == went_away] == ["WARNING"]
 
 
@@ -283,10 +286,12 @@ def test_local_encode_checks_truncate_dim_and_shapes_an_empty_input_like_the_hos
         assert info.value.details == {"truncate_dim": bad, "dimension": 4}
     assert model.encode(["a"], truncate_dim=1).shape == (1, 1)
     assert model.encode(["a"], truncate_dim=4).shape == (1, 4)
+    calls = len(m._local.model.calls)
     empty = model.encode([])
     assert empty.shape == (0, 4) and empty.dtype == np.float32
     assert model.encode((), truncate_dim=2).shape == (0, 2)
-    calls = len(m._local.model.calls)
+    assert model.encode([], convert_to_numpy=True).shape == (0, 4)
+    assert len(m._local.model.calls) == calls  # shaped here: the model is not asked for no text
     model.encode([], convert_to_tensor=True)
     model.encode([], convert_to_numpy=False)
     assert len(m._local.model.calls) == calls + 2  # other empty outputs are the model's own
@@ -512,6 +517,7 @@ def test_the_host_s_health_memory_and_restarts_become_gauges(
     make("shared", socket=healthy.path).get_status()
     assert [sample("shm_model_host_degraded", {"reason": kind}) for kind in DEGRADED_KINDS] == [0, 0, 0, 0]
     assert sample("shm_model_host_memory_headroom_bytes") == 0 and sample("shm_model_host_memory_psi") == 0
+    assert sample("shm_model_host_memory_ceiling_bytes") == 0
     assert metrics.REGISTRY.get_sample_value("shm_model_host_worker_restarts_total", {"cause": "oom_kill"}) is None
 
 
@@ -522,6 +528,7 @@ def test_a_bare_host_status(make: Callable[..., ModelManager], start: Callable[.
     assert (status.device, status.worker_count, status.host_pid, status.dimension) == ("None", 0, None, None)
     assert sample("shm_model_memory_bytes", {"scope": "host", "kind": "rss"}) == 0
     assert sample("shm_model_load_seconds", {"path": "shared"}) == 0.0
+    assert sample("shm_model_host_queue_depth") == 0
 
 
 def test_statuses_without_a_host(make: Callable[..., ModelManager], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -555,6 +562,8 @@ def test_statuses_without_a_host(make: Callable[..., ModelManager], monkeypatch:
     assert sample("shm_model_memory_bytes", {"scope": "process", "kind": "rss"}) == 3 * 2**20
     monkeypatch.setattr(manager_module, "process_memory", lambda pid: None)
     assert auto.get_status().memory_usage == 0
+    for kind in ("rss", "pss", "uss"):
+        assert sample("shm_model_memory_bytes", {"scope": "process", "kind": kind}) == 0
     never = make("local")
     assert never.get_status() == ModelStatus(False, "local-model", 0.0, 0, "auto", None)
 
@@ -604,6 +613,7 @@ class FakePopen:
         self.argv, self.kwargs = argv, kwargs
         self.returncode: int | None = None
         socket_path = kwargs["env"]["SHM_MODEL_SOCKET"]
+        os.write(kwargs["stdout"].fileno(), b"host output\n")  # what the host prints goes to host.log
         self.host = FakeHost(Path(socket_path), host_respond) if not os.environ.get("FAKE_HOST_EXITS") else None
         FakePopen.started.append(self)
 
@@ -631,6 +641,7 @@ def test_autostart_starts_one_host_on_the_socket(
     caplog.set_level(logging.INFO, "shm_model.manager")
     socket_path = str(tmp_path / "new" / "host.sock")
     m = make("shared", socket=socket_path, autostart=True)
+    assert m._started_host is None  # nothing started yet (the stress tests kill what was)
     assert m.get_model().encode(["a"]).shape == (1, 3)
     assert len(popen.started) == 1
     proc = popen.started[0]
@@ -645,6 +656,7 @@ def test_autostart_starts_one_host_on_the_socket(
     for name in ("host.sock.start", "host.log"):
         st = os.stat(tmp_path / "new" / name)
         assert st.st_mode & 0o777 == 0o600
+    assert log_path.read_bytes() == b"host output\n"
     assert m._started_host is proc
     m._start_host()  # a host answers now: nothing more is started
     assert len(popen.started) == 1
@@ -692,9 +704,24 @@ def test_autostart_refuses_a_shared_directory(make: Callable[..., ModelManager],
     directory = tmp_path / "open"
     directory.mkdir()
     os.chmod(directory, 0o777)
-    m = make("shared", socket=str(directory / "host.sock"), autostart=True)
-    with pytest.raises(PermissionDenied):
+    socket_path = str(directory / "host.sock")
+    m = make("shared", socket=socket_path, autostart=True)
+    with pytest.raises(PermissionDenied) as info:
         m.get_model()
+    assert f"other users may write to it; refusing to use {socket_path} (" in str(info.value)
+    assert info.value.details["socket"] == socket_path
+
+
+def test_starting_a_host_checks_the_directory_again(make: Callable[..., ModelManager], tmp_path: Path) -> None:
+    directory = tmp_path / "opened"
+    directory.mkdir()
+    os.chmod(directory, 0o777)  # opened to others after the probe found no host
+    socket_path = str(directory / "host.sock")
+    with pytest.raises(PermissionDenied) as info:
+        make("shared", socket=socket_path, autostart=True)._start_host()
+    assert f"other users may write to it; refusing to use {socket_path} (" in str(info.value)
+    assert info.value.details["socket"] == socket_path
+    assert not os.path.exists(socket_path + ".start")
 
 
 def test_private_files_refuse_symlinks_and_other_owners(tmp_path: Path) -> None:
@@ -711,6 +738,7 @@ def test_private_files_refuse_symlinks_and_other_owners(tmp_path: Path) -> None:
     with pytest.raises(HostUnavailable) as missing:
         _open_private(str(tmp_path / "no" / "f"), os.O_RDWR)
     assert str(missing.value) == f"cannot open {tmp_path / 'no' / 'f'}: No such file or directory"
+    assert missing.value.details == {"path": str(tmp_path / "no" / "f")}
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(PermissionDenied) as not_regular:
@@ -718,6 +746,7 @@ def test_private_files_refuse_symlinks_and_other_owners(tmp_path: Path) -> None:
     assert str(not_regular.value) == (
         f"{fifo} is not a regular file of this user (uid {os.geteuid()}); refusing to write to it"
     )
+    assert not_regular.value.details == {"path": str(fifo)}
     if os.geteuid() == 0:
         theirs = tmp_path / "theirs"
         theirs.write_text("")
@@ -727,6 +756,7 @@ def test_private_files_refuse_symlinks_and_other_owners(tmp_path: Path) -> None:
     fd = _open_private(path, os.O_WRONLY | os.O_APPEND)
     try:
         assert os.get_blocking(fd)
+        assert not os.get_inheritable(fd)  # a host started later does not inherit it
     finally:
         os.close(fd)
 
@@ -749,3 +779,276 @@ def test_metrics_name_each_op_and_private_names_stay_private(
     with pytest.raises(AttributeError) as info:
         local._model._secret  # noqa: B018
     assert str(info.value) == "ManagedModel has no attribute '_secret' (served: none)"
+
+
+# --- more: arguments, statuses and concurrency ----------------------------------------------------------
+
+
+def test_shared_encode_passes_its_arguments_to_the_host_and_times_the_call(
+    make: Callable[..., ModelManager], host: FakeHost
+) -> None:
+    import time
+
+    m = make("shared")
+    model = m.get_model()
+    labels = {"op": "encode", "path": "shared"}
+    before = sample("shm_model_request_seconds_sum", labels)
+    started = time.perf_counter()
+    vectors, tokens = model.encode(["ab", "c"], priority="bulk", prompt_name="query", return_usage=True)
+    elapsed = time.perf_counter() - started
+    assert vectors.shape == (2, 3) and tokens == 3
+    header = host.headers[-1]
+    assert (header["op"], header["priority"], header["prompt_name"]) == ("encode", "bulk", "query")
+    assert 0 <= sample("shm_model_request_seconds_sum", labels) - before <= elapsed
+
+
+def test_the_host_s_status_says_why_the_last_reload_failed(
+    make: Callable[..., ModelManager], start: Callable[..., FakeHost]
+) -> None:
+    failing = [True]
+
+    def respond(header: dict[str, Any]) -> bytes | None:
+        if header["op"] == "reload" and failing:
+            return error_reply(header["id"], ModelLoadError("weights missing"))
+        return host_respond(header)
+
+    start(respond)
+    m = make("shared")
+    assert m.reload_model() is False
+    status = m.get_status()
+    assert (status.is_loaded, status.mode, status.error_message) == (True, "shared", "weights missing")
+    failing.clear()
+    assert m.reload_model() is True
+    assert m.get_status().error_message is None
+
+
+def test_shared_mode_does_not_count_a_model_loaded_in_this_process(make: Callable[..., ModelManager]) -> None:
+    shared = make("shared")
+    shared.local_model()  # e.g. get_model_with_fallback's last resort
+    assert not shared.is_model_loaded()
+    status = shared.get_status()
+    assert not status.is_loaded and status.error_message.startswith("no host is serving")
+    auto = make("auto")
+    auto.local_model()
+    assert auto.is_model_loaded()
+    assert auto.get_status().mode == "local"
+
+
+def test_the_default_local_backend_is_the_first_model_unplaced(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.backends
+
+    made: list[tuple[ModelConfig, HostConfig, bool]] = []
+
+    class Backend:
+        device, load_seconds = "cpu", 0.5
+
+        def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig, *, place: bool = True) -> None:
+            made.append((model_cfg, host_cfg, place))
+
+    monkeypatch.setattr(workers.backends, "SentenceTransformerBackend", Backend)
+    models = ModelConfig(name="small,large")
+    m = ModelManager(models, ManagerConfig(mode="local"), HostConfig.load({"SHM_MODEL_SOCKET": str(run_dir / "h")}))
+    try:
+        assert isinstance(m._ensure_local(), Backend)
+    finally:
+        m.close()
+    # the host's weight placement is for workers that share pages, not for a model in this process
+    assert made == [(models.first(), HostConfig(), False)]
+
+
+def test_a_loaded_model_serves_without_waiting_for_the_manager_s_lock(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    model = m.get_model()
+    model.encode(["a"])
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(model.encode(["ab"])))
+    with m._lock:  # held, e.g., by a reload swapping in its model
+        thread.start()
+        thread.join(5)
+        served_while_held = not thread.is_alive()
+    thread.join(5)
+    assert served_while_held and results[0].shape == (1, 4)
+
+
+def test_the_singleton_is_returned_without_waiting_for_its_lock(
+    make: Callable[..., ModelManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = make("local")
+    monkeypatch.setattr(ModelManager, "_instance", m)
+    got: list[ModelManager] = []
+    thread = threading.Thread(target=lambda: got.append(ModelManager.get_instance()))
+    with ModelManager._instance_lock:
+        thread.start()
+        thread.join(5)
+        returned_while_held = not thread.is_alive()
+    thread.join(5)
+    assert returned_while_held and got == [m]
+
+
+class WatchedEvent(threading.Event):
+    """An Event that tells when a thread starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+def test_a_thread_waiting_for_a_failed_load_gets_its_error(make: Callable[..., ModelManager]) -> None:
+    m = make("local")
+    gate = threading.Event()
+
+    def failing(cfg: ModelConfig) -> LocalBackend:
+        gate.wait(10)
+        raise ModelLoadError("model 'x' not found", tried=1)
+
+    m._make_backend = failing
+    errors: dict[str, BaseException] = {}
+
+    def call(name: str) -> None:
+        try:
+            m._ensure_local()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test thread
+            errors[name] = exc
+
+    owner = threading.Thread(target=call, args=("owner",))
+    owner.start()
+    load = poll(lambda: m._load, 10, what="the load to start")
+    assert isinstance(load, manager_module._Load)
+    load.done = WatchedEvent()
+    waiter = threading.Thread(target=call, args=("waiter",))
+    waiter.start()
+    try:
+        assert load.done.waiting.wait(10)
+    finally:
+        gate.set()
+        owner.join(10)
+        waiter.join(10)
+    assert type(errors["owner"]) is ModelLoadError and type(errors["waiter"]) is ModelLoadError
+    assert errors["waiter"] is not errors["owner"]
+    assert (str(errors["waiter"]), errors["waiter"].details) == ("model 'x' not found", {"tried": 1})
+
+
+class SteppedTime:
+    """The manager's ``time``: real clocks; ``sleep`` records its duration and runs a step instead."""
+
+    def __init__(self, step: Callable[[], None]) -> None:
+        self.step = step
+        self.sleeps: list[float] = []
+        self.monotonic = time_module.monotonic
+        self.perf_counter = time_module.perf_counter
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.step()
+
+
+def test_autostart_starts_the_host_once_the_other_process_lets_go_of_the_lock(
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    directory = tmp_path / "run4"
+    directory.mkdir(mode=0o700)
+    (directory / "host.log").write_bytes(b"earlier\n")
+    os.chmod(directory / "host.log", 0o600)
+    socket_path = str(directory / "host.sock")
+    fd = os.open(socket_path + ".start", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        clock = SteppedTime(lambda: fcntl.flock(fd, fcntl.LOCK_UN))  # the other process is done
+        monkeypatch.setattr(manager_module, "time", clock)
+        m = make("shared", socket=socket_path, autostart=True)
+        assert m.get_model().encode(["a"]).shape == (1, 3)
+    finally:
+        os.close(fd)
+    assert clock.sleeps == [0.05]  # the lock is tried again every 50 ms
+    assert len(popen.started) == 1
+    assert (directory / "host.log").read_bytes() == b"earlier\nhost output\n"  # appended
+
+
+def test_autostart_checks_every_second_that_the_started_host_still_runs(
+    make: Callable[..., ModelManager], popen: type[FakePopen], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_HOST_EXITS", "1")
+    waits: list[float] = []
+
+    def no_answer_yet(socket_path: str, timeout: float) -> None:
+        waits.append(timeout)
+        raise HostUnavailable("no answer yet")
+
+    monkeypatch.setattr(manager_module, "wait_for_host", no_answer_yet)
+    m = make("shared", socket=str(tmp_path / "run5" / "host.sock"), autostart=True)
+    with pytest.raises(HostUnavailable, match="exited with 3"):
+        m.get_model()
+    assert waits == [1.0]
+
+
+def test_a_fifo_in_place_of_the_host_log_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "host.log"
+    os.mkfifo(fifo, 0o600)
+    errors: list[BaseException] = []
+
+    def open_log() -> None:
+        try:
+            os.close(_open_private(str(fifo), os.O_WRONLY | os.O_APPEND))
+        except HostUnavailable as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=open_log)
+    thread.start()
+    thread.join(5)
+    blocked = thread.is_alive()
+    if blocked:  # a writer's open of a FIFO waits for a reader: be one, so that the thread ends
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(5)
+    assert not blocked
+    assert [str(e) for e in errors] == [f"cannot open {fifo}: No such device or address"]
+
+
+def test_the_client_gets_the_host_config_s_timeout_and_trusted_uids(
+    run_dir: Path, start: Callable[..., FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving the socket directory to another uid needs root")
+    for name in ("SHM_MODEL_REQUEST_TIMEOUT", "SHM_MODEL_TRUSTED_UIDS"):
+        monkeypatch.delenv(name, raising=False)
+    host = start(host_respond)
+    os.chown(run_dir, OTHER_UID, -1)  # a host run by a service account this deployment trusts
+    host_cfg = HostConfig.load(
+        {"SHM_MODEL_SOCKET": host.path, "SHM_MODEL_REQUEST_TIMEOUT": "7", "SHM_MODEL_TRUSTED_UIDS": str(OTHER_UID)}
+    )
+    m = ModelManager(ModelConfig(name="local-model"), ManagerConfig(mode="shared"), host_cfg)
+    try:
+        assert m.get_model().encode(["a"]).shape == (1, 3)
+    finally:
+        m.close()
+    assert 6000 < host.headers[-1]["timeout_ms"] <= 7000
+
+
+def test_hybridmethod_runs_on_the_instance_or_else_the_singleton() -> None:
+    class Service:
+        singleton: ClassVar[Service | None] = None
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @classmethod
+        def get_instance(cls) -> Service:
+            assert cls.singleton is not None
+            return cls.singleton
+
+        @manager_module._hybridmethod
+        def who(self, suffix: str = "") -> str:
+            """Who runs it."""
+            return self.name + suffix
+
+    Service.singleton = Service("the one")
+    assert Service.who() == "the one"
+    assert Service("other").who("!") == "other!"
+    method = vars(Service)["who"]
+    assert (method.__name__, method.__doc__) == ("who", "Who runs it.")
+    assert method.__wrapped__ is method.func
