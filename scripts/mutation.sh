@@ -22,13 +22,16 @@ run first, so a run cut short has scored those). Results are kept in mutants/ be
 
 What "the tests that cover it" means: mutmut runs the in-process tests once (tests/unit/, set in
 pyproject.toml [tool.mutmut]) and records which test called which
-function; each mutant then runs only those tests. Code that runs only in a subprocess (the
+function; each mutant then runs only those tests, fastest first, until one fails
+(tests/unit/conftest.py orders them). Code that runs only in a subprocess (the
 supervisor's serving loop and a worker's main loop, started by tests/conftest.py's hosts) is
 covered by no in-process test, so its mutants count as "no tests", which the score counts as
 survivors; the subprocess suites are not run per mutant (minutes each).
 
 Options:
-  --children N     mutmut's parallel test processes (default: $MUTATION_CHILDREN or 1); runs under nice -n 19
+  --children N     mutmut's parallel test processes (default: $MUTATION_CHILDREN, else the number of
+                   cores + 1: a mutant whose tests hang waits for its timeout without using a core);
+                   runs under nice -n 19
   --fresh          delete mutants/ first (the stats of which test covers what are collected again)
   --report         print the score and survivors of the last runs without running anything
   --min-score P    exit 1 when the score of shm_model/+workers/ is under P percent (default 0)
@@ -41,7 +44,8 @@ the time given in the README's testing section.
 EOF
 }
 
-children="${MUTATION_CHILDREN:-1}"
+cores="$(nproc 2>/dev/null || echo 1)"
+children="${MUTATION_CHILDREN:-$((cores + 1))}"
 fresh=0
 report_only=0
 min_score=0
