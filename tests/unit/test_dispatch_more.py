@@ -18,6 +18,7 @@ from shm_model.errors import BadRequest, HostUnavailable, InternalError, ModelNo
 from shm_model.host.dispatch import DEFAULT_MAX_SEQ_LENGTH, Dispatcher
 from shm_model.host.pool import WorkerState
 from shm_model.protocol import ConnectionClosed, pack, read_frame, vectors_reply
+from shm_model.scheduling import BatchLimits
 from tests.unit.host_fakes import FRAME_LIMIT, META, FakeConnection, FakeSpawner
 from tests.unit.test_pool import Host, run, until
 
@@ -482,6 +483,73 @@ def test_an_answered_batch_is_counted_and_its_time_learned() -> None:
         stats = host.dispatcher.scheduler.stats
         assert len(stats["bulk"].batch_seconds) == 1 and not stats["interactive"].batch_seconds
         assert list(host.dispatcher.scheduler.rates) == [1]  # learned at its one thread
+        await host.close()
+
+    run(body())
+
+
+# --- settings -----------------------------------------------------------------------------------------
+
+
+def test_the_dispatcher_starts_from_its_settings_and_changes_capacity_and_threads_when_told() -> None:
+    dispatcher = bare_dispatcher(
+        max_batch_size=7, max_batch_tokens=900, max_frame_bytes=1 << 20, bulk_share=0.3, bulk_batch_ms=150,
+        queue_size=5,
+    )  # fmt: skip
+    scheduler = dispatcher.scheduler
+    assert scheduler.limits == BatchLimits(max_texts=7, max_tokens=900, max_bytes=1 << 20)
+    assert scheduler.weights == {"interactive": 0.7, "bulk": 0.3} and scheduler.bulk_batch_seconds == 0.15
+    assert scheduler.on_expired == dispatcher.expire
+    assert (dispatcher.queue_size, dispatcher.threads, dispatcher.dynamic_threads) == (5, 1, False)
+    assert (dispatcher.meta, dispatcher.models, dispatcher.requests, dispatcher.on_answer) == ({}, {}, set(), None)
+    assert (dispatcher.core_share.cores, dispatcher.core_share.fair) == (2, 2)
+    limits = scheduler.limits
+    dispatcher.set_capacity(max_batch_tokens=900, queue_size=2)
+    assert scheduler.limits is limits and dispatcher.queue_size == 2
+    dispatcher.set_capacity(max_batch_tokens=300, queue_size=5)
+    assert scheduler.limits == BatchLimits(max_texts=7, max_tokens=300, max_bytes=1 << 20)
+    dispatcher.configure(workers=2, threads=3, dynamic=True)
+    assert (dispatcher.threads, dispatcher.dynamic_threads) == (3, True)
+    assert (dispatcher.core_share.cores, dispatcher.core_share.fair) == (2, 1)
+
+
+def test_a_request_for_another_model_is_estimated_delivered_and_capped_at_that_model_s_length() -> None:
+    async def body() -> None:
+        host, dispatcher = await held_host()
+        dispatcher.set_models(TWO_MODELS)
+        (w,) = host.pool.workers.values()
+        strict, conn = FakeConnection(pid=1), FakeConnection(pid=2)
+        submit(dispatcher, strict, 1, ["x" * 600], model="other", truncate=False)
+        submit(dispatcher, conn, 2, ["x" * 600], model="other")
+        submit(dispatcher, conn, 3, ["y" * 600, "z"], model="other")
+        first = min(dispatcher.requests, key=lambda r: r.id)
+        assert (first.model, first.tokens, first.result.shape, first.result.dtype) == (
+            "other",
+            [64],
+            (1, 3),
+            np.float32,
+        )
+        pieces = dispatcher.scheduler.take(now())
+        assert [p.request.id for p in pieces] == [1, 2, 3]
+        vectors = np.array([[1, 0, 0], [2, 0, 0], [3, 0, 0], [4, 0, 0]], dtype=np.float32)
+        dispatcher.deliver(w, pieces, vectors, [65, 100, 70, 1])  # "other" takes 64 tokens
+        assert error(strict, 1)["details"] == {"index": 0, "tokens": 65, "limit": 64}
+        assert conn.vectors(2)[:, 0].tolist() == [2] and conn.replies[2].header["tokens"] == 64
+        assert conn.vectors(3)[:, 0].tolist() == [3, 4] and conn.replies[3].header["tokens"] == 65
+        await host.close()
+
+    run(body())
+
+
+def test_each_abandoned_request_is_counted() -> None:
+    async def body() -> None:
+        host, dispatcher = await held_host()
+        gone = FakeConnection()
+        submit(dispatcher, gone, 1, ["a"])
+        submit(dispatcher, gone, 2, ["b"])
+        dispatcher.abandon(gone)  # type: ignore[arg-type]
+        dispatcher.abandon(gone)  # type: ignore[arg-type]
+        assert host.counters["abandoned"] == 2 and not dispatcher.requests and not gone.replies
         await host.close()
 
     run(body())
