@@ -363,3 +363,31 @@ def test_closed_loop_clients_wait_about_as_long_as_each_other(clients: int) -> N
     assert np.percentile(latencies, 50) <= 1.1 * mean
     assert np.percentile(latencies, 99) <= 1.25 * mean
     assert rps >= 0.97 * old_rps  # the same throughput
+
+
+def test_a_bulk_batch_gets_no_core_while_every_core_is_held() -> None:
+    share = CoreShare(cores=2, workers=2)
+    assert share.bulk(held=2, bulk_running=False) == 0
+    assert share.bulk(held=3, bulk_running=False) == 0
+    assert share.bulk(held=1, bulk_running=False) == 1
+
+
+def test_the_rest_of_a_cut_piece_keeps_its_failures_and_its_solo_retry() -> None:
+    req = request(["dddd", "ccc", "bb", "a"])
+    (piece,) = split(req, LIMITS)
+    piece.failures, piece.solo = 2, True
+    rest = piece.cut(1)
+    assert (rest.request, rest.start, rest.stop, rest.failures, rest.solo) == (req, 1, 4, 2, True)
+    assert (piece.start, piece.stop, req.remaining) == (0, 1, 2)
+
+
+def test_the_bulk_budget_is_judged_at_one_thread_and_a_text_of_exactly_the_budget_fits() -> None:
+    s = Scheduler(LIMITS, bulk_batch_seconds=1.0)
+    assert not s.bulk_text_over_budget()  # no bulk text waits
+    s.observe(1, 100, 1.0)  # 0.01 s a padded token at one thread: 100 tokens a batch
+    assert (s.token_budget("bulk", 1), s.token_budget("bulk", 2)) == (100, 200)
+    submit(s, request(["x" * 294], priority="bulk"))  # 2 + 294 // 3 = 100 tokens
+    assert not s.bulk_text_over_budget()
+    s.take(0.0)
+    submit(s, request(["x" * 297], priority="bulk"))  # 101 tokens
+    assert s.bulk_text_over_budget()
