@@ -35,6 +35,17 @@ SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3}
 #: maps to a space, which NFKC does anyway.
 NORM = {0x07: [], 0x2028: [0x20], 0xA0: [0x20]}
 H, FF, VOCAB, MAX_POS, TYPES, LAYERS, HEADS = 32, 64, 12, 16, 2, 1, 2
+#: The model's sizes as the file holds them and config.json repeats them.
+CONFIG = {
+    "hidden_size": H,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "intermediate_size": FF,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": MAX_POS,
+    "type_vocab_size": TYPES,
+    "layer_norm_eps": pytest.approx(1e-12),
+}
 
 
 def q4_block(scale: float, nibbles: list[int]) -> bytes:
@@ -120,16 +131,7 @@ def source(tmp_path: Path, tensors: dict[str, tuple[int, tuple[int, ...], bytes,
 
 def test_a_model_file_is_read_field_by_field(source: Path, tensors: dict) -> None:
     packed = read_packed(source)
-    assert packed.config == {
-        "hidden_size": H,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "intermediate_size": FF,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": MAX_POS,
-        "type_vocab_size": TYPES,
-        "layer_norm_eps": pytest.approx(1e-12),
-    }
+    assert packed.config == CONFIG
     assert packed.pieces == PIECES
     assert packed.special == SPECIAL
     assert packed.norm == NORM
@@ -338,14 +340,7 @@ def test_the_folder_holds_exactly_these_files(tmp_path: Path, source: Path) -> N
         "pad_token_id": 1,
         "position_embedding_type": "absolute",
         "torch_dtype": "float32",
-        "hidden_size": H,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "intermediate_size": FF,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": MAX_POS,
-        "type_vocab_size": TYPES,
-        "layer_norm_eps": pytest.approx(1e-12),
+        **CONFIG,
     }
     assert json.loads((target / "tokenizer_config.json").read_text()) == {
         "tokenizer_class": "PreTrainedTokenizerFast",
