@@ -94,8 +94,12 @@ class FakeSpawner:
             if "__error__" in texts:
                 writer.write(error_reply(frame.header["id"], BadRequest("the model refused a text")))
                 continue
-            vectors = np.array([[len(t), len(texts)] for t in texts], dtype=np.float32)
-            writer.write(vectors_reply(frame.header["id"], vectors, tokens=[len(t) for t in texts]))
+            writer.write(self.reply(frame.header["id"], texts))
+
+    def reply(self, batch_id: int, texts: list[str]) -> bytes:
+        """A worker's answer to a batch: one vector per text, (its length, the batch's size)."""
+        vectors = np.array([[len(t), len(texts)] for t in texts], dtype=np.float32)
+        return vectors_reply(batch_id, vectors, tokens=[len(t) for t in texts])
 
     def exit(self, pid: int, code: int) -> None:
         """The worker process ends: its channel closes and SIGCHLD reaches the pool."""

@@ -18,6 +18,7 @@ import torch
 
 from config.model_config import HostConfig, ModelConfig
 from shm_model.errors import ConfigError, ModelLoadError, ModelNotFound
+from tests.unit.test_backends import Minimal
 from workers import backends
 from workers.backends import DummyBackend, is_device_oom, quantize_int8, transformer_layers
 from workers.model_source import ModelSource
@@ -481,17 +482,7 @@ def test_a_dummy_suffix_that_is_no_number_only_salts_the_vectors() -> None:
 
 
 def test_a_bare_backend_describes_empty_prompts_and_rounds_times() -> None:
-    class Bare(backends.Backend):
-        def prepare_worker(self, threads: int) -> None:
-            return None
-
-        def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
-            return np.zeros((len(texts), 1), dtype=np.float32)
-
-        def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
-            return [0] * len(texts)
-
-    b = Bare()
+    b = Minimal()
     b.place_seconds = 2.71828
     described = b.describe()
     assert (described["prompts"], described["weights"], described["place_seconds"]) == ({}, {}, 2.718)

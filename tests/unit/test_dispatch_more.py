@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-import socket
 from typing import Any
 
 import numpy as np
@@ -17,9 +16,9 @@ from config.model_config import HostConfig
 from shm_model.errors import BadRequest, HostUnavailable, InternalError, ModelNotFound, Overloaded
 from shm_model.host.dispatch import DEFAULT_MAX_SEQ_LENGTH, Dispatcher
 from shm_model.host.pool import WorkerState
-from shm_model.protocol import ConnectionClosed, pack, read_frame, vectors_reply
+from shm_model.protocol import vectors_reply
 from shm_model.scheduling import BatchLimits
-from tests.unit.host_fakes import FRAME_LIMIT, META, FakeConnection, FakeSpawner
+from tests.unit.host_fakes import FakeConnection, FakeSpawner
 from tests.unit.test_pool import Host, run, until
 
 
@@ -407,21 +406,12 @@ class MisbehavingSpawner(FakeSpawner):
     """Fake workers whose replies go wrong as their texts say: ``__wrong_id__`` answers another batch,
     ``__short__`` returns one vector too few, ``__no_tokens__`` leaves out the token counts."""
 
-    async def _run(self, pid: int, child: socket.socket, boot: bool) -> None:
-        reader, writer = await asyncio.open_unix_connection(sock=child)
-        writer.write(pack({"op": "ready", "pid": pid, "backend": META}))
-        while True:
-            try:
-                frame = await read_frame(reader, FRAME_LIMIT)
-            except (ConnectionClosed, ConnectionError):
-                return
-            texts = frame.header["texts"]
-            self.batches.append((pid, texts, frame.header.get("threads", 0)))
-            rid = frame.header["id"] + (1000 if "__wrong_id__" in texts else 0)
-            rows = len(texts) - (1 if "__short__" in texts else 0)
-            vectors = np.ones((rows, 2), dtype=np.float32)
-            tokens = {} if "__no_tokens__" in texts else {"tokens": [1] * len(texts)}
-            writer.write(vectors_reply(rid, vectors, **tokens))
+    def reply(self, batch_id: int, texts: list[str]) -> bytes:
+        rid = batch_id + (1000 if "__wrong_id__" in texts else 0)
+        rows = len(texts) - (1 if "__short__" in texts else 0)
+        vectors = np.ones((rows, 2), dtype=np.float32)
+        tokens = {} if "__no_tokens__" in texts else {"tokens": [1] * len(texts)}
+        return vectors_reply(rid, vectors, **tokens)
 
 
 def test_a_reply_for_another_batch_kills_the_worker_and_the_batch_is_retried_as_after_a_crash(
