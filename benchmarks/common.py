@@ -130,16 +130,30 @@ def write_results(
 def main(doc: str | None, plans: Mapping[str, Any], run: Callable[[Any, str], object], argv: list[str] | None) -> int:
     """The benchmarks' command line: one of --tiny/--quick/--full (quick by default) and --out."""
     import argparse
+    import dataclasses
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
     for mode in plans:
         group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=f"{mode} mode")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
+    repeatable = all(hasattr(plan, "runs") for plan in plans.values())
+    if repeatable:
+        parser.add_argument(
+            "--runs",
+            type=int,
+            metavar="N",
+            help="repeat the concurrency section N times and report medians (default: the mode's, 3 in full mode)",
+        )
     args = parser.parse_args(argv)
+    plan = plans[args.mode or "quick"]
+    if repeatable and args.runs is not None:
+        if args.runs < 1:
+            parser.error("--runs must be at least 1")
+        plan = dataclasses.replace(plan, runs=args.runs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        run(plans[args.mode or "quick"], args.out)
+        run(plan, args.out)
     except KeyboardInterrupt:
         progress("interrupted; ending every process started")
         return 130

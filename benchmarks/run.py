@@ -3,12 +3,16 @@
     python -m benchmarks.run --quick        # a few minutes: the bundled model
     python -m benchmarks.run --full         # the bundled and the KURE-shaped model, more load
     python -m benchmarks.run --tiny         # seconds: every benchmark once, for the test suite
+    python -m benchmarks.run --quick --runs 3   # the concurrency section 3 times, medians
 
 Sections: memory (RSS/PSS/USS sums, naive vs host), start-up (process start to first
 vector; the host's cold start by phase), overhead (in-process encode vs the host at
 batch sizes 1-128), concurrency (1..32 clients sending batch-1 requests: the host with
 dynamic batching vs one model per process vs sentence-transformers' multi-process pool
 vs infinity-emb) and transport (round trip through the host with a model-free backend).
+The machine is noisy, so full mode runs the concurrency section three times, each run every
+system in turn, and reports each figure's median and each ratio's median over the ratios
+measured within a run, with their range.
 Results go to benchmarks/results/<mode>.json, .md and .png. Every process started is
 ended when the run ends, Ctrl-C included. The load generator shares the machine's cores
 with what it measures, the same for every system.
@@ -61,6 +65,7 @@ class Plan:
     pool_sentences: int
     transport_calls: int
     infinity: bool
+    runs: int = 1  # the concurrency section's repetitions; figures and ratios are their medians
     notes: list[str] = field(default_factory=list)
 
 
@@ -97,6 +102,7 @@ PLANS = {
         2048,
         5000,
         True,
+        runs=3,
     ),
 }
 #: The KURE-shaped model encodes about ten times slower: its one-large-input runs are smaller.
@@ -452,7 +458,7 @@ def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
         os.unlink(log.name)
 
 
-def bench_concurrency(plan: Plan, name: str, model: str) -> dict[str, Any]:
+def _concurrency_once(plan: Plan, name: str, model: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "host": _host_levels(plan, model),
         "host_int8": _host_levels(plan, model, "int8"),
@@ -464,6 +470,143 @@ def bench_concurrency(plan: Plan, name: str, model: str) -> dict[str, Any]:
     out["host_bulk"] = _host_bulk(model, count)
     out["infinity"] = _infinity_levels(plan, model) if plan.infinity else {"error": "skipped in this mode"}
     return out
+
+
+def bench_concurrency(plan: Plan, name: str, model: str) -> dict[str, Any]:
+    """The concurrency section ``plan.runs`` times in a row, each run every system in turn."""
+    runs = []
+    for k in range(plan.runs):
+        if plan.runs > 1:
+            progress(f"concurrency: run {k + 1} of {plan.runs}")
+        runs.append(_concurrency_once(plan, name, model))
+    return combine_runs(runs)
+
+
+# --- several runs: medians of figures and of ratios -------------------------------------------
+
+RATE_KEYS = ("throughput_rps", "p50_ms", "p99_ms")
+
+
+def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One system's rows over several runs: at each level req/s, p50 and p99 are the medians
+    over the runs; requests and errors are summed."""
+    out = []
+    for rows in zip(*runs, strict=True):
+        if len({r["clients"] for r in rows}) != 1:
+            raise ValueError(f"runs measured different levels: {[r['clients'] for r in rows]}")
+        row = {**rows[0], **{k: statistics.median(r[k] for r in rows) for k in RATE_KEYS}}
+        row["requests"] = sum(r["requests"] for r in rows)
+        row["errors"] = sum(r["errors"] for r in rows)
+        row["first_error"] = next((r["first_error"] for r in rows if r.get("first_error")), None)
+        out.append(row)
+    return out
+
+
+def _median_bulk(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    return {
+        "sentences": ok[0]["sentences"],
+        "seconds": statistics.median(r["seconds"] for r in ok),
+        "throughput_sentences_per_s": statistics.median(r["throughput_sentences_per_s"] for r in ok),
+        "failed_runs": len(runs) - len(ok),
+    }
+
+
+def _by_clients(rows: list[dict[str, Any]] | None) -> dict[int, dict[str, Any]]:
+    return {r["clients"]: r for r in rows or []}
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "throughput_rps") -> float | None:
+    return a[key] / b[key] if a and b and b.get(key) else None
+
+
+def run_ratios(c: dict[str, Any]) -> dict[str, Any]:
+    """The ratios of one run (None where a system did not run): req/s against one model per
+    process and infinity-emb, p50 and p99 against infinity-emb's, int8 against float32, one
+    large input against the pool, and /v1/embeddings against the client."""
+    host_rows, int8 = _by_clients(c["host"]), _by_clients(c.get("host_int8"))
+    naive, inf = _by_clients(c["naive"]), _by_clients(c["infinity"].get("levels"))
+    pool, bulk = c["st_pool"], c["host_bulk"]
+    http = c.get("http") or {}
+    return {
+        "levels": [
+            {
+                "clients": n,
+                "host_vs_naive": _ratio(r, naive.get(n)),
+                "host_vs_infinity": _ratio(r, inf.get(n)),
+                "p50_vs_infinity": _ratio(r, inf.get(n), "p50_ms"),
+                "p99_vs_infinity": _ratio(r, inf.get(n), "p99_ms"),
+                "int8_vs_float32": _ratio(int8.get(n), r),
+            }
+            for n, r in host_rows.items()
+        ],
+        "bulk_vs_pool": None if "error" in pool else _ratio(bulk, pool, "throughput_sentences_per_s"),
+        "http": [
+            {"clients": cl["clients"], "http_vs_client": _ratio(h, cl)}
+            for cl, h in zip(http.get("client", []), http.get("http", []), strict=True)
+        ],
+    }
+
+
+def _spread(values: list[float | None]) -> dict[str, float] | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return {"median": statistics.median(known), "min": min(known), "max": max(known), "runs": len(known)}
+
+
+def combine_ratios(per_run: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-run ratios into one: each ratio's median, min and max over the runs."""
+
+    def rows(key: str) -> list[dict[str, Any]]:
+        out = []
+        for same in zip(*(r[key] for r in per_run), strict=True):
+            out.append(
+                {"clients": same[0]["clients"]} | {k: _spread([x[k] for x in same]) for k in same[0] if k != "clients"}
+            )
+        return out
+
+    return {
+        "levels": rows("levels"),
+        "bulk_vs_pool": _spread([r["bulk_vs_pool"] for r in per_run]),
+        "http": rows("http"),
+    }
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of the concurrency section as one: each figure the median over the runs,
+    each ratio the median of the ratios measured within each run (with their min and max),
+    and every run kept as measured."""
+    ratios = combine_ratios([run_ratios(r) for r in runs])
+    if len(runs) == 1:
+        return {**runs[0], "runs": 1, "ratios": ratios}
+    infinity_ok = [r["infinity"] for r in runs if "levels" in r["infinity"]]
+    infinity: dict[str, Any] = runs[0]["infinity"]
+    if infinity_ok:
+        infinity = {"version": infinity_ok[0]["version"], "levels": _median_rows([i["levels"] for i in infinity_ok])}
+        if len(infinity_ok) < len(runs):
+            failed = next(r["infinity"]["error"] for r in runs if "levels" not in r["infinity"])
+            infinity["note"] = f"{len(runs) - len(infinity_ok)} of {len(runs)} runs failed: {failed}"
+    http_ok = [r["http"] for r in runs if "error" not in r["http"]]
+    http = (
+        {"http": _median_rows([h["http"] for h in http_ok]), "client": _median_rows([h["client"] for h in http_ok])}
+        if http_ok
+        else runs[0]["http"]
+    )
+    return {
+        "host": _median_rows([r["host"] for r in runs]),
+        "host_int8": _median_rows([r["host_int8"] for r in runs]),
+        "naive": _median_rows([r["naive"] for r in runs]),
+        "http": http,
+        "st_pool": _median_bulk([r["st_pool"] for r in runs]),
+        "host_bulk": _median_bulk([r["host_bulk"] for r in runs]),
+        "infinity": infinity,
+        "runs": len(runs),
+        "ratios": ratios,
+        "each_run": runs,
+    }
 
 
 # --- transport --------------------------------------------------------------------------------
@@ -488,6 +631,14 @@ def bench_transport(plan: Plan) -> dict[str, Any]:
 # --- report ---------------------------------------------------------------------------------
 
 
+def _fmt(spread: dict[str, float] | None) -> str:
+    """A ratio as ``median``, or ``median (min-max)`` where the runs differed."""
+    if spread is None:
+        return "-"
+    low, high = f"{spread['min']:.2f}", f"{spread['max']:.2f}"
+    return f"{spread['median']:.2f}" if low == high else f"{spread['median']:.2f} ({low}-{high})"
+
+
 def _md_concurrency(c: dict[str, Any]) -> str:
     systems = [("host (dynamic batching)", c["host"])]
     if "host_int8" in c:
@@ -495,7 +646,15 @@ def _md_concurrency(c: dict[str, Any]) -> str:
     systems.append(("one model per process", c["naive"]))
     if "levels" in c["infinity"]:
         systems.append((f"infinity-emb {c['infinity'].get('version', '')}", c["infinity"]["levels"]))
-    lines = ["| system | clients | req/s | p50 (ms) | p99 (ms) | errors |", "|---|---:|---:|---:|---:|---:|"]
+    runs = c.get("runs", 1)
+    lines = []
+    if runs > 1:
+        lines += [
+            f"Median of {runs} runs, each run every system in turn. A ratio is the median of the ratios "
+            "measured within each run, with their range.",
+            "",
+        ]
+    lines += ["| system | clients | req/s | p50 (ms) | p99 (ms) | errors |", "|---|---:|---:|---:|---:|---:|"]
     for name, rows in systems:
         for r in rows:
             lines.append(
@@ -514,38 +673,26 @@ def _md_concurrency(c: dict[str, Any]) -> str:
             f"\nOne input of {pool['sentences']} sentences: sentence-transformers' multi-process pool "
             f"{pool['throughput_sentences_per_s']:,.0f} sentences/s, the host "
             f"{bulk['throughput_sentences_per_s']:,.0f} sentences/s "
-            f"({bulk['throughput_sentences_per_s'] / pool['throughput_sentences_per_s']:.2f}x)."
+            f"(host / pool {_fmt(c['ratios']['bulk_vs_pool'])})."
         )
-    lines += ["", _md_ratios(c), "", _md_http(c.get("http"))]
+    lines += ["", _md_ratios(c["ratios"]), "", _md_http(c.get("http"), c["ratios"]["http"])]
     return "\n".join(lines)
 
 
-def _by_clients(rows: list[dict[str, Any]] | None) -> dict[int, dict[str, Any]]:
-    return {r["clients"]: r for r in rows or []}
-
-
-def _md_ratios(c: dict[str, Any]) -> str:
-    """Ratios at each level, measured in this run: req/s, and p50/p99 against infinity-emb's."""
-    host_rows, int8 = _by_clients(c["host"]), _by_clients(c.get("host_int8"))
-    naive, inf = _by_clients(c["naive"]), _by_clients(c["infinity"].get("levels"))
-
-    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "throughput_rps") -> str:
-        return f"{a[key] / b[key]:.2f}" if a and b and b[key] else "-"
-
+def _md_ratios(ratios: dict[str, Any]) -> str:
+    """Ratios at each level: req/s, and p50/p99 against infinity-emb's."""
     lines = [
         "| clients | host / one model per process (req/s) | host / infinity-emb (req/s) | "
         "host / infinity-emb (p50) | host / infinity-emb (p99) | int8 / float32 (req/s) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, r in host_rows.items():
-        lines.append(
-            f"| {n} | {ratio(r, naive.get(n))} | {ratio(r, inf.get(n))} | {ratio(r, inf.get(n), 'p50_ms')} | "
-            f"{ratio(r, inf.get(n), 'p99_ms')} | {ratio(int8.get(n), r)} |"
-        )
+    for r in ratios["levels"]:
+        keys = ("host_vs_naive", "host_vs_infinity", "p50_vs_infinity", "p99_vs_infinity", "int8_vs_float32")
+        lines.append(f"| {r['clients']} | " + " | ".join(_fmt(r[k]) for k in keys) + " |")
     return "\n".join(lines)
 
 
-def _md_http(h: dict[str, Any] | None) -> str:
+def _md_http(h: dict[str, Any] | None, ratios: list[dict[str, Any]]) -> str:
     if not h:
         return ""
     if "error" in h:
@@ -554,10 +701,10 @@ def _md_http(h: dict[str, Any] | None) -> str:
         "| clients | client req/s | /v1/embeddings req/s | HTTP / client | client p50 (ms) | /v1/embeddings p50 (ms) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for c, r in zip(h["client"], h["http"], strict=True):
+    for c, r, q in zip(h["client"], h["http"], ratios, strict=True):
         lines.append(
             f"| {c['clients']} | {c['throughput_rps']:,.0f} | {r['throughput_rps']:,.0f} | "
-            f"{r['throughput_rps'] / c['throughput_rps']:.2f} | {c['p50_ms']:.1f} | {r['p50_ms']:.1f} |"
+            f"{_fmt(q['http_vs_client'])} | {c['p50_ms']:.1f} | {r['p50_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -645,8 +792,11 @@ def plot(results: dict[str, Any], path: str) -> str | None:
 def run(plan: Plan, out_dir: str) -> dict[str, Any]:
     results: dict[str, Any] = {
         **common.results_header("benchmarks.run", plan.mode),
+        "runs": plan.runs,
         "models": {},
     }
+    if plan.runs != PLANS[plan.mode].runs:
+        results["command"] += f" --runs {plan.runs}"
     for name in plan.models:
         model = memory.model_name(name)
         progress(f"model {name}: {model}")

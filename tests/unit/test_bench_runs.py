@@ -1,0 +1,101 @@
+"""The benchmarks' median of several runs: figures, ratios within a run, and the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks import run as bench
+
+
+def rows(rates: dict[int, float], p50: float = 10.0, errors: int = 0) -> list[dict[str, Any]]:
+    return [
+        {
+            "clients": n,
+            "requests": 100,
+            "errors": errors,
+            "first_error": "boom" if errors else None,
+            "throughput_rps": rps,
+            "p50_ms": p50,
+            "p99_ms": 2 * p50,
+        }
+        for n, rps in rates.items()
+    ]
+
+
+def one_run(host: float, naive: float, infinity: float | None, bulk: float = 300.0) -> dict[str, Any]:
+    """A concurrency result at 1 and 16 clients with the given req/s per system."""
+    return {
+        "host": rows({1: host, 16: 4 * host}, p50=10.0),
+        "host_int8": rows({1: 2 * host, 16: 6 * host}),
+        "naive": rows({1: naive}),
+        "http": {"http": rows({1: host / 2}), "client": rows({1: host})},
+        "st_pool": {"sentences": 64, "seconds": 0.2, "throughput_sentences_per_s": 320.0},
+        "host_bulk": {"sentences": 64, "seconds": 64 / bulk, "throughput_sentences_per_s": bulk},
+        "infinity": (
+            {"version": "0.0.78", "levels": rows({1: infinity, 16: infinity}, p50=20.0)}
+            if infinity
+            else {"error": "infinity did not start: port in use"}
+        ),
+    }
+
+
+def test_ratios_are_taken_within_each_run_then_their_median() -> None:
+    # Run 2 is twice as fast for every system: its figures move, its ratios do not.
+    runs = [one_run(100, 100, 50), one_run(200, 100, 100), one_run(90, 100, 45)]
+    c = bench.combine_runs(runs)
+    assert c["runs"] == 3 and c["each_run"] == runs
+    assert [r["throughput_rps"] for r in c["host"]] == [100, 400]  # medians of 100/200/90, 400/800/360
+    assert c["host"][0]["requests"] == 300 and c["host"][0]["errors"] == 0
+    level1 = c["ratios"]["levels"][0]
+    assert level1["clients"] == 1
+    assert level1["host_vs_naive"] == {"median": 1.0, "min": 0.9, "max": 2.0, "runs": 3}
+    assert level1["host_vs_infinity"] == {"median": 2.0, "min": 2.0, "max": 2.0, "runs": 3}
+    assert level1["p50_vs_infinity"]["median"] == pytest.approx(0.5)
+    assert level1["int8_vs_float32"]["median"] == pytest.approx(2.0)
+    assert c["ratios"]["levels"][1]["host_vs_naive"] is None  # no naive run at 16 clients
+    assert c["ratios"]["levels"][1]["int8_vs_float32"]["median"] == pytest.approx(1.5)
+    assert c["ratios"]["http"] == [{"clients": 1, "http_vs_client": {"median": 0.5, "min": 0.5, "max": 0.5, "runs": 3}}]
+    assert c["ratios"]["bulk_vs_pool"]["median"] == pytest.approx(300 / 320)
+
+
+def test_a_failed_infinity_run_is_left_out_and_said() -> None:
+    c = bench.combine_runs([one_run(100, 100, 50), one_run(100, 100, None), one_run(100, 100, 25)])
+    assert [r["throughput_rps"] for r in c["infinity"]["levels"]] == [37.5, 37.5]
+    assert c["infinity"]["note"] == "1 of 3 runs failed: infinity did not start: port in use"
+    assert c["ratios"]["levels"][0]["host_vs_infinity"] == {"median": 3.0, "min": 2.0, "max": 4.0, "runs": 2}
+
+
+def test_errors_are_summed_and_the_first_kept() -> None:
+    runs = [one_run(100, 100, 50) for _ in range(2)]
+    runs[1]["host"] = rows({1: 100, 16: 400}, errors=3)
+    c = bench.combine_runs(runs)
+    assert c["host"][0]["errors"] == 3 and c["host"][0]["first_error"] == "boom"
+
+
+def test_runs_that_measured_different_levels_are_refused() -> None:
+    other = one_run(100, 100, 50)
+    other["host"] = rows({2: 100, 16: 400})
+    with pytest.raises(ValueError, match="different levels"):
+        bench.combine_runs([one_run(100, 100, 50), other])
+
+
+def test_one_run_reports_plain_ratios_and_several_their_range() -> None:
+    single = bench._md_concurrency(bench.combine_runs([one_run(100, 100, 50)]))
+    assert "| 1 | 1.00 | 2.00 | 0.50 | 0.50 | 2.00 |" in single
+    assert "Median of" not in single and "(host / pool 0.94)" in single
+    several = bench._md_concurrency(bench.combine_runs([one_run(100, 100, 50), one_run(200, 100, 100)]))
+    assert several.startswith("Median of 2 runs")
+    assert "| 1 | 1.50 (1.00-2.00) | 2.00 | 0.50 | 0.50 | 2.00 |" in several
+    assert "| 1 | 150 | 75 | 0.50 | 10.0 | 10.0 |" in several  # the HTTP table
+
+
+def test_runs_option_overrides_the_modes_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    seen: list[bench.Plan] = []
+    monkeypatch.setattr(bench, "run", lambda plan, out: seen.append(plan))
+    assert bench.main(["--full", "--runs", "2", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--full", "--out", str(tmp_path)]) == 0
+    assert [p.runs for p in seen] == [2, 3]
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--runs", "0"])
