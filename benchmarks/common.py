@@ -64,20 +64,37 @@ def end_all() -> None:
 
 @contextlib.contextmanager
 def host(model: str, **env: str) -> Iterator[str]:
-    """Run ``shm-model serve`` on ``model`` and yield its socket; it is stopped afterwards."""
+    """Run ``shm-model serve`` on ``model`` and yield its socket; it is stopped afterwards. A host
+    that exits before it answers fails at once, with the last lines of its log."""
     from shm_model.client import wait_for_host
+    from shm_model.errors import HostUnavailable
 
     with tempfile.TemporaryDirectory(prefix="shm-bench-") as tmp:
         sock = os.path.join(tmp, "run", "host.sock")
         full_env = bench_env(MODEL_NAME=model, SHM_MODEL_SOCKET=sock, SHM_MODEL_LOG_LEVEL="warning", **env)
-        proc = spawn(
-            [sys.executable, "-m", "shm_model", "serve"],
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log = os.path.join(tmp, "host.log")
+        with open(log, "w") as out:
+            proc = spawn(
+                [sys.executable, "-m", "shm_model", "serve"],
+                env=full_env,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
         try:
-            wait_for_host(sock, timeout=600)
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    wait_for_host(sock, timeout=1.0)
+                    break
+                except HostUnavailable:
+                    if proc.poll() is not None:
+                        with open(log, errors="replace") as f:
+                            tail = f.read()[-2000:].strip()
+                        raise RuntimeError(
+                            f"the host exited with {proc.returncode} before it answered:\n{tail}"
+                        ) from None
+                    if time.monotonic() > deadline:
+                        raise
             yield sock
         finally:
             end(proc, timeout=60)
