@@ -174,15 +174,17 @@ def even_share(waiting_texts: int, ways: int) -> int | None:
     return -(-waiting_texts // ways)
 
 
-def share_cores(free: int, idle_workers: int, waiting_pieces: int) -> int:
+def share_cores(free: int, idle_workers: int, waiting_batches: int) -> int:
     """Intra-op threads for the next batch, from the cores that no busy worker holds.
 
-    A lone batch gets them all; when more pieces wait than this batch may take and other
-    workers are idle, the free cores are shared out so that those workers get some too.
+    A lone batch gets them all; when the waiting work fills more than one batch and other
+    workers are idle, the free cores are shared out so that those workers get some too
+    (two batches side by side on one core each do more than one after the other on two:
+    KURE-shaped model, 128 sentences, 6.4 against 4.3 sentences/s).
     """
     if free < 1:
         return 0
-    ways = min(idle_workers, free) if waiting_pieces > 1 else 1
+    ways = min(idle_workers, free) if waiting_batches > 1 else 1
     return max(1, free // max(1, ways))
 
 
@@ -213,7 +215,7 @@ class CoreShare:
     def _room(self, threads: int, held: int) -> int:
         return min(threads, max(1, self.cores - held - self.outside)) if threads > 0 else threads
 
-    def threads(self, now: float, held: int, busy_workers: int, idle_workers: int, waiting_pieces: int) -> int:
+    def threads(self, now: float, held: int, busy_workers: int, idle_workers: int, waiting_batches: int) -> int:
         """Threads for the next interactive batch (0: wait for a core).
 
         ``held`` is the threads of busy batches, ``busy_workers`` the interactive ones among them.
@@ -221,7 +223,7 @@ class CoreShare:
         free = self.cores - held
         if busy_workers:  # interactive batches overlap; cores held by bulk work do not count
             self.busy_until = now + self.window
-        threads = share_cores(free, idle_workers, waiting_pieces)
+        threads = share_cores(free, idle_workers, waiting_batches)
         return self._room(min(threads, self.fair) if now < self.busy_until else threads, held)
 
     def bulk(self, held: int, bulk_running: bool) -> int:
@@ -370,6 +372,17 @@ class Scheduler:
 
     def queued_pieces(self) -> int:
         return sum(q.pieces for q in self.queues.values())
+
+    def waiting_batches(self) -> int:
+        """The waiting pieces, where a lone piece too large for one batch (more texts, or more
+        padded tokens, than a batch may hold) counts as two: enough to tell whether the waiting
+        work fills more than one batch."""
+        pieces = self.queued_pieces()
+        if pieces == 1:
+            head = next(self.pieces())
+            if head.count > self.limits.max_texts or head.count * head.longest > self.limits.max_tokens:
+                return 2
+        return pieces
 
     def depth(self) -> dict[str, dict[str, int]]:
         return {p: {"requests": q.requests(), "pieces": q.pieces, "texts": q.texts} for p, q in self.queues.items()}

@@ -52,6 +52,9 @@ class Backend(abc.ABC):
     name = location = device = ""
     dtype = "float32"
     dimension = max_seq_length = weight_bytes = 0
+    #: Where a paused batch can stop during one encode (the model's layers): a query waits at
+    #: most one of these steps for a running bulk batch's cores.
+    pause_points = 1
     import_seconds = load_seconds = place_seconds = 0.0
 
     def __init__(self) -> None:
@@ -91,6 +94,7 @@ class Backend(abc.ABC):
             "weight_bytes": self.weight_bytes,
             "weights": dict(self.placement),
             "dtype": self.dtype,
+            "pause_points": self.pause_points,
             "import_seconds": round(self.import_seconds, 3),
             "load_seconds": round(self.load_seconds, 3),
             "place_seconds": round(self.place_seconds, 3),
@@ -144,6 +148,7 @@ class SentenceTransformerBackend(Backend):
         self.dimension = int(model.get_embedding_dimension())
         self.max_seq_length = int(model.max_seq_length or 512)
         self.prompts = dict(getattr(model, "prompts", {}) or {})
+        self.pause_points = max(1, len(transformer_layers(model)))
         self.load_seconds = time.perf_counter() - started
         self.dtype = host_cfg.dtype
         quantized = 0

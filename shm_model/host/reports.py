@@ -85,6 +85,8 @@ def queue_report(scheduler: Scheduler, bulk_batch_ms: float) -> dict[str, Any]:
             "batch_ms": _percentiles(np.asarray(stats.batch_seconds, dtype=np.float64) * 1000.0),
         }
     report["bulk_batch_ms"] = bulk_batch_ms
+    # The budget in force: bulk_batch_ms once per layer while bulk batches pause for queries.
+    report["bulk_batch_budget_ms"] = round(scheduler.bulk_batch_seconds * 1000.0, 1)
     report["ms_per_1k_padded_tokens"] = {
         str(threads): round(rate * 1e6, 3) for threads, rate in sorted(scheduler.rates.items())
     }

@@ -200,7 +200,12 @@ class Supervisor:
         self.pool.spawner = ProcessSpawner(
             start_method=self._start_method, threads=self._threads, max_frame_bytes=self.cfg.max_frame_bytes
         )
-        self.dispatcher.configure(workers=workers, threads=self._threads, dynamic=self._dynamic_threads())
+        self.dispatcher.configure(
+            workers=workers,
+            threads=self._threads,
+            dynamic=self._dynamic_threads(),
+            pausable=self._start_method == "fork",
+        )
         self.watch.policy.full = replace(self.watch.policy.full, workers=workers)
         if workers * self._threads > self._cores:
             log.warning("%d workers x %d threads > %d cores; expect contention", workers, self._threads, self._cores)

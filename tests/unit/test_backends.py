@@ -282,6 +282,7 @@ def test_a_backend_describes_itself() -> None:
         "max_seq_length": 64,
         "device": "cpu",
         "dtype": "float32",
+        "pause_points": 1,
         "prompts": {"query": "q: "},
         "weight_bytes": 100,
         "weights": {"file": 1},

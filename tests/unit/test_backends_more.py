@@ -285,6 +285,7 @@ def test_the_gate_is_passed_before_each_layer(
     with caplog.at_level(logging.DEBUG, logger="workers.backends"):
         b.set_gate(lambda: passed.append(1))
     assert [r.getMessage() for r in caplog.records] == ["batches can pause between 2 layers"]
+    assert b.pause_points == 2
     x = torch.ones(1, 8)
     for layer in b.model.layers:
         x = layer(x)
@@ -317,6 +318,7 @@ def test_a_batch_runs_through_the_model_once(bundled: Any) -> None:
             for key in set(layer._forward_pre_hooks) - keep:
                 del layer._forward_pre_hooks[key]
     assert len(passed) == len(layers) == 6
+    assert bundled.pause_points == 6 and bundled.describe()["pause_points"] == 6
 
 
 def test_vectors_are_the_models_own_not_normalized_again(bundled: Any) -> None:

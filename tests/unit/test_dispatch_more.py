@@ -543,3 +543,44 @@ def test_each_abandoned_request_is_counted() -> None:
         await host.close()
 
     run(body())
+
+
+# --- the bulk batch budget ----------------------------------------------------------------------
+
+
+def two_models(first: int, second: int | None) -> dict[str, Any]:
+    models = [{"model": "a", "alias": "a", "pause_points": first}, {"model": "b", "alias": "b"}]
+    if second is not None:
+        models[1]["pause_points"] = second
+    return {**models[0], "models": models}
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "pausable", "cfg", "seconds"),
+    [
+        (True, True, {}, 0.25 * 6),  # a query waits for one of the 6 layers, not the batch
+        (True, False, {}, 0.25),  # spawned workers cannot pause
+        (False, True, {}, 0.25),  # fixed threads: bulk batches never pause
+        (True, True, {"pause_bulk": False}, 0.25),
+    ],
+)
+def test_a_bulk_batch_may_take_the_budget_once_per_layer_only_when_it_pauses(
+    dynamic: bool, pausable: bool, cfg: dict[str, Any], seconds: float
+) -> None:
+    d = bare_dispatcher(bulk_batch_ms=250, **cfg)
+    assert d.scheduler.bulk_batch_seconds == 0.25
+    d.configure(workers=2, threads=1, dynamic=dynamic, pausable=pausable)
+    d.set_models(two_models(6, 24))  # the model with the fewest layers sets the budget
+    assert d.scheduler.bulk_batch_seconds == pytest.approx(seconds)
+    assert d.pause_points == 6
+
+
+def test_models_that_do_not_say_their_layers_count_as_one() -> None:
+    d = bare_dispatcher()
+    d.configure(workers=2, threads=1, dynamic=True, pausable=True)
+    d.set_models(two_models(24, None))
+    assert d.pause_points == 1 and d.scheduler.bulk_batch_seconds == pytest.approx(0.25)
+    d.set_models({"model": "one", "pause_points": 12})  # one model, no "models" list
+    assert d.pause_points == 12 and d.scheduler.bulk_batch_seconds == pytest.approx(3.0)
+    d.set_models({"model": "bad", "pause_points": 0})
+    assert d.pause_points == 1
