@@ -88,7 +88,7 @@ def test_one_run_reports_plain_ratios_and_several_their_range() -> None:
     several = bench._md_concurrency(bench.combine_runs([one_run(100, 100, 50), one_run(200, 100, 100)]))
     assert several.startswith("Median of 2 runs")
     assert "| 1 | 1.50 (1.00-2.00) | 2.00 | 0.50 | 0.50 | 2.00 |" in several
-    assert "| 1 | 150 | 75 | 0.50 | 10.0 | 10.0 |" in several  # the HTTP table
+    assert "| 1 | 150 | 75.0 | 0.50 | 10.0 | 10.0 |" in several  # the HTTP table: rates under 100 with a decimal
 
 
 def test_runs_option_overrides_the_modes_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
