@@ -174,17 +174,15 @@ def even_share(waiting_texts: int, ways: int) -> int | None:
     return -(-waiting_texts // ways)
 
 
-def share_cores(free: int, idle_workers: int, waiting_batches: int) -> int:
+def share_cores(free: int, idle_workers: int, waiting_pieces: int) -> int:
     """Intra-op threads for the next batch, from the cores that no busy worker holds.
 
-    A lone batch gets them all; when the waiting work fills more than one batch and other
-    workers are idle, the free cores are shared out so that those workers get some too
-    (two batches side by side on one core each do more than one after the other on two:
-    KURE-shaped model, 128 sentences, 6.4 against 4.3 sentences/s).
+    A lone batch gets them all; when more pieces wait than this batch may take and other
+    workers are idle, the free cores are shared out so that those workers get some too.
     """
     if free < 1:
         return 0
-    ways = min(idle_workers, free) if waiting_batches > 1 else 1
+    ways = min(idle_workers, free) if waiting_pieces > 1 else 1
     return max(1, free // max(1, ways))
 
 
@@ -215,7 +213,7 @@ class CoreShare:
     def _room(self, threads: int, held: int) -> int:
         return min(threads, max(1, self.cores - held - self.outside)) if threads > 0 else threads
 
-    def threads(self, now: float, held: int, busy_workers: int, idle_workers: int, waiting_batches: int) -> int:
+    def threads(self, now: float, held: int, busy_workers: int, idle_workers: int, waiting_pieces: int) -> int:
         """Threads for the next interactive batch (0: wait for a core).
 
         ``held`` is the threads of busy batches, ``busy_workers`` the interactive ones among them.
@@ -223,7 +221,7 @@ class CoreShare:
         free = self.cores - held
         if busy_workers:  # interactive batches overlap; cores held by bulk work do not count
             self.busy_until = now + self.window
-        threads = share_cores(free, idle_workers, waiting_batches)
+        threads = share_cores(free, idle_workers, waiting_pieces)
         return self._room(min(threads, self.fair) if now < self.busy_until else threads, held)
 
     def bulk(self, held: int, bulk_running: bool) -> int:
@@ -356,10 +354,11 @@ class Scheduler:
             return bool(self.queues[priority])
         return any(self.queues.values())
 
-    def bulk_text_over_budget(self) -> bool:
-        """Whether the next bulk text alone takes longer than a bulk batch may (at one thread)."""
+    def bulk_text_over_budget(self, seconds: float | None = None) -> bool:
+        """Whether the next bulk text alone takes longer than ``seconds`` (default: what a bulk
+        batch may take) at one thread."""
         queue = self.queues["bulk"]
-        budget = self.token_budget("bulk", 1)
+        budget = self.token_budget("bulk", 1, seconds)
         if not queue or budget is None:
             return False
         head = next(iter(queue.clients.values()))[0]
@@ -372,17 +371,6 @@ class Scheduler:
 
     def queued_pieces(self) -> int:
         return sum(q.pieces for q in self.queues.values())
-
-    def waiting_batches(self) -> int:
-        """The waiting pieces, where a lone piece too large for one batch (more texts, or more
-        padded tokens, than a batch may hold) counts as two: enough to tell whether the waiting
-        work fills more than one batch."""
-        pieces = self.queued_pieces()
-        if pieces == 1:
-            head = next(self.pieces())
-            if head.count > self.limits.max_texts or head.count * head.longest > self.limits.max_tokens:
-                return 2
-        return pieces
 
     def depth(self) -> dict[str, dict[str, int]]:
         return {p: {"requests": q.requests(), "pieces": q.pieces, "texts": q.texts} for p, q in self.queues.items()}
@@ -404,8 +392,9 @@ class Scheduler:
         old = self.rates.get(threads)
         self.rates[threads] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
-    def token_budget(self, priority: str, threads: int) -> int | None:
-        """Padded tokens a batch of this class may hold: bulk is cut to its time budget."""
+    def token_budget(self, priority: str, threads: int, seconds: float | None = None) -> int | None:
+        """Padded tokens a batch of this class may hold: bulk is cut to its time budget (or to
+        ``seconds``)."""
         if priority != "bulk":
             return None
         rate = self.rates.get(threads)
@@ -414,7 +403,7 @@ class Scheduler:
                 return FIRST_BULK_TOKENS  # nothing measured yet: a small batch teaches the rate
             nearest = min(self.rates, key=lambda t: abs(t - threads))
             rate = self.rates[nearest] * nearest / threads  # assume linear scaling until measured
-        return max(1, int(self.bulk_batch_seconds / rate))
+        return max(1, int((self.bulk_batch_seconds if seconds is None else seconds) / rate))
 
     def take(self, now: float, threads: int = 1, ways: int = 1) -> list[Piece]:
         """The next batch: pieces of one class, one model and one prompt, within the limits.

@@ -80,6 +80,7 @@ class Dispatcher:
         self.threads = 1  # intra-op threads of a batch when they are fixed
         self.dynamic_threads = False  # each batch takes the cores no busy worker holds
         self.pausable = False  # bulk batches pause between layers for a query (forked workers)
+        self.bulk_wait_seconds = cfg.bulk_batch_ms / 1000.0  # how long a query may wait behind bulk work
         self.pause_points = 1  # layers of the serving models (the fewest): see ``_set_bulk_budget``
         self.core_share = CoreShare(cores, 1)
         self.scheduler = Scheduler(
@@ -112,9 +113,12 @@ class Dispatcher:
         (``SHM_MODEL_BULK_BATCH_MS``). When bulk batches pause for queries, a query waits only
         for the running layer, so a batch may take the budget once per layer: on the
         KURE-shaped model (24 layers) a 250 ms batch holds one sentence and a 128-sentence
-        input ran at 4.3 sentences/s; with 24 x 250 ms, 12."""
+        input ran at 4.3 sentences/s; with 24 x 250 ms, 12.
+
+        Whether bulk batches run one at a time still follows the unscaled budget: a batch
+        paused for a query holds its worker, so two side by side would leave none free."""
         points = self.pause_points if self.pausable else 1
-        self.scheduler.bulk_batch_seconds = self.cfg.bulk_batch_ms / 1000.0 * points
+        self.scheduler.bulk_batch_seconds = self.bulk_wait_seconds * points
 
     def set_models(self, meta: dict[str, Any]) -> None:
         """The serving generation's description: its default model's fields, and ``models``
@@ -306,10 +310,12 @@ class Dispatcher:
             return self.threads
         busy = self.pool.busy()
         held = self._held()
-        if self.scheduler.next_priority() == "bulk" and self.scheduler.bulk_text_over_budget():
+        # A large model (one bulk text takes longer than a query should wait, SHM_MODEL_BULK_BATCH_MS):
+        # bulk batches run one at a time, so that a worker stays free for queries.
+        if self.scheduler.next_priority() == "bulk" and self.scheduler.bulk_text_over_budget(self.bulk_wait_seconds):
             return self.core_share.bulk(held, any(w.priority == "bulk" for w in busy))
         interactive = sum(1 for w in busy if w.priority != "bulk")
-        return self.core_share.threads(now, held, interactive, idle, self.scheduler.waiting_batches())
+        return self.core_share.threads(now, held, interactive, idle, self.scheduler.queued_pieces())
 
     async def _run_batch(self, w: WorkerHandle, pieces: list[Piece]) -> None:
         """Send one batch to a worker marked busy with it, and deliver what comes back."""

@@ -77,16 +77,16 @@ def test_an_unreadable_proc_stat_is_an_error_the_supervisor_reports() -> None:
 
 def test_a_batch_gets_no_thread_on_a_core_other_processes_keep_busy() -> None:
     share = CoreShare(2, 2)
-    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 2
+    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 2
     share.outside = 1
-    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 1
+    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 1
     assert share.last(0.0, held=0) == 1
     assert share.bulk(held=0, bulk_running=False) == 1
     # Never fewer than one: a batch on one thread waits for no other, so it still starts.
     share.outside = 2
-    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 1
-    assert share.threads(0.0, held=1, busy_workers=1, idle_workers=1, waiting_batches=1) == 1
+    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 1
+    assert share.threads(0.0, held=1, busy_workers=1, idle_workers=1, waiting_pieces=1) == 1
     # Cores held by the host's own batches still block as before.
     share.outside = 0
-    assert share.threads(0.0, held=2, busy_workers=2, idle_workers=0, waiting_batches=1) == 0
+    assert share.threads(0.0, held=2, busy_workers=2, idle_workers=0, waiting_pieces=1) == 0
     assert share.bulk(held=0, bulk_running=True) == 0

@@ -258,15 +258,15 @@ def test_cores_are_shared_out_never_oversubscribed(free: int, idle: int, waiting
 
 def test_a_quiet_host_gives_a_lone_batch_every_core_a_busy_one_a_fair_share() -> None:
     share = CoreShare(cores=2, workers=2, window=2.0)
-    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 2
+    assert share.threads(0.0, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 2
     # a request arrives while that batch holds both cores: it waits, and the host counts as busy
-    assert share.threads(0.1, held=2, busy_workers=1, idle_workers=1, waiting_batches=1) == 0
-    assert share.threads(0.3, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 1
+    assert share.threads(0.1, held=2, busy_workers=1, idle_workers=1, waiting_pieces=1) == 0
+    assert share.threads(0.3, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 1
     assert share.last(0.3, held=0) == 1
     # batches side by side keep the host busy; a quiet spell gives lone batches every core again
-    assert share.threads(1.0, held=1, busy_workers=1, idle_workers=1, waiting_batches=1) == 1
-    assert share.threads(2.9, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 1
-    assert share.threads(3.1, held=0, busy_workers=0, idle_workers=2, waiting_batches=1) == 2
+    assert share.threads(1.0, held=1, busy_workers=1, idle_workers=1, waiting_pieces=1) == 1
+    assert share.threads(2.9, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 1
+    assert share.threads(3.1, held=0, busy_workers=0, idle_workers=2, waiting_pieces=1) == 2
     assert share.last(3.1, held=0) == 2
 
 
