@@ -244,7 +244,8 @@ SETTINGS: tuple[Setting, ...] = (
         "bulk_batch_ms",
         "250",
         "time budget of one batch of bulk requests, in milliseconds (learned from measured batch "
-        "times): an interactive request waits at most about this long behind bulk work",
+        "times): an interactive request waits at most about this long behind bulk work; where bulk "
+        "batches pause between layers for queries (SHM_MODEL_PAUSE_BULK), once per layer",
         integer(1),
         "host",
     ),
