@@ -112,8 +112,8 @@ class Dispatcher:
         """A bulk batch's time budget: how long a query may wait behind bulk work
         (``SHM_MODEL_BULK_BATCH_MS``). When bulk batches pause for queries, a query waits only
         for the running layer, so a batch may take the budget once per layer: on the
-        KURE-shaped model (24 layers) a 250 ms batch holds one sentence and a 128-sentence
-        input ran at 4.3 sentences/s; with 24 x 250 ms, 12.
+        KURE-shaped model (24 layers) a 250 ms batch holds one sentence, and one input of
+        short sentences ran at 4.3-4.4 sentences/s; with 24 x 250 ms, at 11.3-13.2.
 
         Whether bulk batches run one at a time still follows the unscaled budget: a batch
         paused for a query holds its worker, so two side by side would leave none free."""

@@ -17,8 +17,8 @@ from shm_model.errors import BadRequest, HostUnavailable, InternalError, ModelNo
 from shm_model.host.dispatch import DEFAULT_MAX_SEQ_LENGTH, Dispatcher
 from shm_model.host.pool import WorkerState
 from shm_model.protocol import vectors_reply
-from shm_model.scheduling import BatchLimits
-from tests.unit.host_fakes import FakeConnection, FakeSpawner
+from shm_model.scheduling import BatchLimits, estimate_tokens
+from tests.unit.host_fakes import META, FakeConnection, FakeSpawner
 from tests.unit.test_pool import Host, run, until
 
 
@@ -584,3 +584,29 @@ def test_models_that_do_not_say_their_layers_count_as_one() -> None:
     assert d.pause_points == 12 and d.scheduler.bulk_batch_seconds == pytest.approx(3.0)
     d.set_models({"model": "bad", "pause_points": 0})
     assert d.pause_points == 1
+
+
+@pytest.mark.parametrize(("seconds_per_text", "batches"), [(0.5, 1), (0.05, 2)])
+def test_a_large_models_bulk_batches_run_one_at_a_time_though_the_budget_grows_per_layer(
+    seconds_per_text: float, batches: int
+) -> None:
+    """Paused for a query, a bulk batch keeps its worker: where one text takes longer than a
+    query should wait (250 ms), a second bulk batch beside it would leave no worker free."""
+
+    async def body() -> None:
+        host = Host(size=2, dispatcher=True, dynamic=True, bulk_batch_ms=250)
+        await host.start()
+        d = host.dispatcher
+        assert d is not None
+        d.configure(workers=2, threads=1, dynamic=True, pausable=True)
+        d.set_models({**META, "pause_points": 24})
+        assert d.scheduler.bulk_batch_seconds == pytest.approx(6.0)
+        text = "가" * 30
+        d.scheduler.observe(1, 1000, seconds_per_text * 1000 / estimate_tokens(text, 512))
+        submit(d, FakeConnection(), 1, [text] * 64, priority="bulk")  # dispatched at once
+        busy = host.pool.busy()
+        assert len(busy) == batches
+        assert sorted(w.threads for w in busy) == ([2] if batches == 1 else [1, 1])
+        await host.close()
+
+    run(body())

@@ -278,6 +278,14 @@ def test_bulk_texts_over_the_budget_are_told_apart() -> None:
     assert not s.bulk_text_over_budget()
     s.observe(1, 100, 0.5)  # now a text takes longer than a batch may
     assert s.bulk_text_over_budget()
+    # A batch's budget once per layer (24 layers): the batch may hold the text, but the text
+    # still takes longer than a query should wait, which the dispatcher asks with ``seconds``.
+    s.bulk_batch_seconds = 0.1 * 24
+    assert not s.bulk_text_over_budget()
+    assert s.bulk_text_over_budget(0.1)
+    rate = s.rates[1]
+    assert s.token_budget("bulk", 1) == int(2.4 / rate) and s.token_budget("bulk", 1, 0.1) == int(0.1 / rate)
+    assert s.token_budget("interactive", 1, 0.1) is None
     share = CoreShare(cores=2, workers=2)
     assert share.bulk(held=0, bulk_running=False) == 2
     assert share.bulk(held=1, bulk_running=False) == 1
