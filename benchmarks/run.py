@@ -565,12 +565,16 @@ def combine_ratios(per_run: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-run ratios into one: each ratio's median, min and max over the runs."""
 
     def rows(key: str) -> list[dict[str, Any]]:
-        out = []
-        for same in zip(*(r[key] for r in per_run), strict=True):
-            out.append(
-                {"clients": same[0]["clients"]} | {k: _spread([x[k] for x in same]) for k in same[0] if k != "clients"}
-            )
-        return out
+        # By level: a run whose system failed (an /v1/embeddings server that did not start)
+        # has no rows there, and the other runs' ratios stand.
+        levels: dict[int, list[dict[str, Any]]] = {}
+        for run in per_run:
+            for row in run[key]:
+                levels.setdefault(row["clients"], []).append(row)
+        return [
+            {"clients": n} | {k: _spread([x[k] for x in same]) for k in same[0] if k != "clients"}
+            for n, same in levels.items()
+        ]
 
     return {
         "levels": rows("levels"),

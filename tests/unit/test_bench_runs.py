@@ -67,6 +67,15 @@ def test_a_failed_infinity_run_is_left_out_and_said() -> None:
     assert c["ratios"]["levels"][0]["host_vs_infinity"] == {"median": 3.0, "min": 2.0, "max": 4.0, "runs": 2}
 
 
+def test_a_run_whose_api_server_did_not_start_leaves_the_other_runs_http_figures() -> None:
+    runs = [one_run(100, 100, 50), one_run(100, 100, 50), one_run(200, 100, 50)]
+    runs[1]["http"] = {"error": "the API server did not start: port in use"}
+    c = bench.combine_runs(runs)
+    assert [r["throughput_rps"] for r in c["http"]["http"]] == [75.0]  # median of 50 and 100
+    assert c["ratios"]["http"] == [{"clients": 1, "http_vs_client": {"median": 0.5, "min": 0.5, "max": 0.5, "runs": 2}}]
+    assert "| 1 | 150 | 75.0 | 0.50 |" in bench._md_concurrency(c)
+
+
 def test_errors_are_summed_and_the_first_kept() -> None:
     runs = [one_run(100, 100, 50) for _ in range(2)]
     runs[1]["host"] = rows({1: 100, 16: 400}, errors=3)
