@@ -14,6 +14,16 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIVE: list[subprocess.Popen[Any]] = []
+#: The texts of every concurrency benchmark, sent one a request in turn by each system measured
+#: (the host, one model per process, infinity-emb, the HTTP route), so that they encode the same.
+SENTENCES = (
+    "서울특별시의 2023년 인구는 약 940만 명이다.",
+    "표 3은 연도별 등록금과 장학금 지급 현황을 보여준다.",
+    "The quarterly report lists revenue, cost and margin by region.",
+    "부산광역시 해운대구의 관광객 수는 해마다 늘고 있다.",
+    "제12조(수수료) 신청인은 별표 2에 따른 수수료를 납부하여야 한다.",
+    "Average latency stayed under ten milliseconds during the test.",
+)
 
 
 def bench_env(**extra: str) -> dict[str, str]:

@@ -39,6 +39,8 @@ def _load(model: str, threads: int) -> Any:
 
 
 def _loop(model: str, threads: int, seconds: float) -> None:
+    from benchmarks.common import SENTENCES
+
     st = _load(model, threads)
     st.encode(SAMPLE[:4])
     print(json.dumps({"pid": os.getpid()}), flush=True)
@@ -48,7 +50,7 @@ def _loop(model: str, threads: int, seconds: float) -> None:
     i = 0
     while time.perf_counter() - started < seconds:
         began = time.perf_counter()
-        st.encode([SAMPLE[i % len(SAMPLE)]])
+        st.encode([SENTENCES[i % len(SENTENCES)]])
         latencies.append(time.perf_counter() - began)
         i += 1
     print(json.dumps({"latencies": latencies, "elapsed": time.perf_counter() - started}), flush=True)

@@ -93,6 +93,7 @@ class HostConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
     bulk_batch_ms: int = 250
+    query_batch_ms: int = 250
     bulk_share: float = 0.2
     pause_bulk: bool = True
     outside_load: bool = True

@@ -250,6 +250,17 @@ SETTINGS: tuple[Setting, ...] = (
         "host",
     ),
     _s(
+        "SHM_MODEL_QUERY_BATCH_MS",
+        "query_batch_ms",
+        "250",
+        "time budget of one batch of interactive requests while others wait behind it, in "
+        "milliseconds (learned from measured batch times; a batch holds at least one text): short "
+        "batches served in turn keep every waiting request's latency about the same on a large "
+        "model; 0: only SHM_MODEL_MAX_BATCH_SIZE and SHM_MODEL_MAX_BATCH_TOKENS cut them",
+        integer(0),
+        "host",
+    ),
+    _s(
         "SHM_MODEL_BULK_SHARE",
         "bulk_share",
         "0.2",

@@ -16,6 +16,10 @@ is free.
 * A **bulk batch is cut to a time budget** (``bulk_batch_seconds``), learned from measured
   seconds per padded token at each thread count, so that an interactive request waits at
   most about one bulk batch.
+* While other pieces wait, an **interactive batch is cut to a time budget** too
+  (``query_batch_seconds``; at least one text). On a large model a batch of many queries runs
+  for seconds, and the queries that arrive meanwhile wait for all of it; short batches served
+  in turn keep every query's wait about the same. A lone request is never cut by time.
 """
 
 from __future__ import annotations
@@ -311,6 +315,7 @@ class Scheduler:
         *,
         bulk_share: float = 0.2,
         bulk_batch_seconds: float = 0.25,
+        query_batch_seconds: float | None = None,
         on_expired: Callable[[Request], None] | None = None,
     ) -> None:
         if not 0.0 < bulk_share < 1.0:
@@ -318,6 +323,7 @@ class Scheduler:
         self.limits = limits
         self.weights = {"interactive": 1.0 - bulk_share, "bulk": bulk_share}
         self.bulk_batch_seconds = bulk_batch_seconds
+        self.query_batch_seconds = query_batch_seconds
         self.on_expired = on_expired
         self.queues = {p: _ClassQueue() for p in PRIORITIES}
         self.vtime = dict.fromkeys(PRIORITIES, 0.0)  # each class's next start tag
@@ -393,17 +399,26 @@ class Scheduler:
         self.rates[threads] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
     def token_budget(self, priority: str, threads: int, seconds: float | None = None) -> int | None:
-        """Padded tokens a batch of this class may hold: bulk is cut to its time budget (or to
-        ``seconds``)."""
-        if priority != "bulk":
+        """Padded tokens a batch of this class may hold in ``seconds`` (bulk: by default its
+        time budget; interactive: no cap unless ``seconds`` is given)."""
+        if priority != "bulk" and seconds is None:
             return None
         rate = self.rates.get(threads)
         if rate is None:
             if not self.rates:
-                return FIRST_BULK_TOKENS  # nothing measured yet: a small batch teaches the rate
+                return FIRST_BULK_TOKENS if priority == "bulk" else None  # a small batch teaches the rate
             nearest = min(self.rates, key=lambda t: abs(t - threads))
             rate = self.rates[nearest] * nearest / threads  # assume linear scaling until measured
         return max(1, int((self.bulk_batch_seconds if seconds is None else seconds) / rate))
+
+    def _budget(self, priority: str, queue: _ClassQueue, threads: int) -> int | None:
+        """Padded tokens the next batch of a class may hold (None: only the limits). An
+        interactive batch is cut to ``query_batch_seconds`` only when other pieces wait behind it."""
+        if priority == "bulk":
+            return self.token_budget(priority, threads)
+        if self.query_batch_seconds is None or queue.pieces <= 1:
+            return None
+        return self.token_budget(priority, threads, self.query_batch_seconds)
 
     def take(self, now: float, threads: int = 1, ways: int = 1) -> list[Piece]:
         """The next batch: pieces of one class, one model and one prompt, within the limits.
@@ -418,7 +433,7 @@ class Scheduler:
                 return []
             queue = self.queues[priority]
             share = even_share(queue.texts, ways) if priority == "interactive" else None
-            batch = self._fill(queue, now, self.token_budget(priority, threads), share)
+            batch = self._fill(queue, now, self._budget(priority, queue, threads), share)
             if batch:
                 break
         cost = sum(p.count for p in batch) * max(p.longest for p in batch)

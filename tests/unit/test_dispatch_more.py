@@ -575,6 +575,12 @@ def test_a_bulk_batch_may_take_the_budget_once_per_layer_only_when_it_pauses(
     assert d.pause_points == 6
 
 
+def test_the_interactive_batch_budget_comes_from_the_setting_and_zero_turns_it_off() -> None:
+    assert bare_dispatcher().scheduler.query_batch_seconds == pytest.approx(0.25)
+    assert bare_dispatcher(query_batch_ms=40).scheduler.query_batch_seconds == pytest.approx(0.04)
+    assert bare_dispatcher(query_batch_ms=0).scheduler.query_batch_seconds is None
+
+
 def test_models_that_do_not_say_their_layers_count_as_one() -> None:
     d = bare_dispatcher()
     d.configure(workers=2, threads=1, dynamic=True, pausable=True)

@@ -285,11 +285,41 @@ def test_bulk_texts_over_the_budget_are_told_apart() -> None:
     assert s.bulk_text_over_budget(0.1)
     rate = s.rates[1]
     assert s.token_budget("bulk", 1) == int(2.4 / rate) and s.token_budget("bulk", 1, 0.1) == int(0.1 / rate)
-    assert s.token_budget("interactive", 1, 0.1) is None
+    assert s.token_budget("interactive", 1) is None and s.token_budget("interactive", 1, 0.1) == int(0.1 / rate)
     share = CoreShare(cores=2, workers=2)
     assert share.bulk(held=0, bulk_running=False) == 2
     assert share.bulk(held=1, bulk_running=False) == 1
     assert share.bulk(held=2, bulk_running=True) == 0
+
+
+def test_interactive_batches_are_cut_to_their_time_budget_only_while_others_wait() -> None:
+    s = Scheduler(LIMITS, query_batch_seconds=0.1)
+    for _ in range(8):
+        submit(s, request(["a" * 90]))  # 32 tokens each
+    assert len(s.take(0.0)) == 8  # nothing measured yet: not cut
+    s.observe(1, 100, 0.1)  # 1 ms a padded token: 100 tokens in the budget
+    for _ in range(8):
+        submit(s, request(["a" * 90]))
+    assert [len(s.take(0.0)) for _ in range(3)] == [3, 3, 2]  # 3 x 32 tokens fit the 100
+    lone = submit(s, request(["a" * 90] * 8))
+    assert len(lone) == 1 and sum(p.count for p in s.take(0.0)) == 8  # a lone request: no cut by time
+    submit(s, request(["a" * 300] * 2))  # 102 tokens a text: over the budget alone
+    submit(s, request(["a" * 90]))
+    assert [sum(p.count for p in s.take(0.0)) for _ in range(3)] == [1, 1, 1]  # at least one text a batch
+    s.observe(2, 100, 0.05)  # twice as fast at two threads: twice the tokens
+    for _ in range(8):
+        submit(s, request(["a" * 90]))
+    assert len(s.take(0.0, threads=2)) == 6
+    off = Scheduler(LIMITS)  # no budget: only the limits cut an interactive batch
+    off.observe(1, 100, 0.1)
+    for _ in range(8):
+        submit(off, request(["a" * 90]))
+    assert len(off.take(0.0)) == 8
+    bulk = Scheduler(LIMITS, bulk_batch_seconds=10.0, query_batch_seconds=0.1)  # bulk keeps its own budget
+    bulk.observe(1, 100, 0.1)
+    for _ in range(8):
+        submit(bulk, request(["a" * 90], priority="bulk"))
+    assert len(bulk.take(0.0)) == 8
 
 
 def test_even_share_splits_the_waiting_texts_between_the_batches_that_serve_them() -> None:

@@ -107,7 +107,9 @@ def reply(conn: FakeConnection, rid: Any) -> dict[str, Any]:
 
 
 def test_status_of_a_host_before_it_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sup = make_supervisor(tmp_path, weights="shm", bulk_batch_ms=123, queue_size=77, max_batch_tokens=4000)
+    sup = make_supervisor(
+        tmp_path, weights="shm", bulk_batch_ms=123, query_batch_ms=45, queue_size=77, max_batch_tokens=4000
+    )
     monkeypatch.setattr(supervisor_module, "time", SimpleNamespace(time=lambda: 1000.0))
     sup.started = 1000.0 - 12.34567
     status = run(snapshot(sup))
@@ -123,7 +125,7 @@ def test_status_of_a_host_before_it_is_configured(tmp_path: Path, monkeypatch: p
     assert status["socket"] == str(tmp_path / "run" / "host.sock")
     assert status["uptime_s"] == 12.346
     assert status["queue_depth"] == 0 and status["in_flight"] == 0
-    assert status["queue"]["bulk_batch_ms"] == 123
+    assert status["queue"]["bulk_batch_ms"] == 123 and status["queue"]["query_batch_ms"] == 45
     assert status["queue_size"] == 77
     assert status["stopping"] is False
     assert status["workers"] == [] and status["counters"] == {}
