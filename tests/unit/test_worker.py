@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,18 +127,29 @@ def test_errors_answer_the_batch_typed() -> None:
 def test_run_says_ready_serves_batches_and_ends_when_the_channel_closes(monkeypatch: pytest.MonkeyPatch) -> None:
     trims: list[int] = []
     monkeypatch.setattr(worker_module, "_release_free_memory", lambda: trims.append(1))
+    monkeypatch.setattr(worker_module, "TRIM_AFTER_IDLE_SECONDS", 0.01)
     supervisor, channel = socket.socketpair()
     backend = Recorder()
     w = make_worker(backend, threads=3)
     w.channel = channel
     replies: list[Frame] = []
+    trims_seen: list[int] = []
 
     def supervise() -> None:
         with supervisor:
             replies.append(recv_frame(supervisor, 1 << 20))
-            for i in range(2):
+            trims_seen.append(len(trims))
+            supervisor.sendall(pack({"op": "encode", "id": 0, "texts": ["a"]}))
+            replies.append(recv_frame(supervisor, 1 << 20))
+            deadline = time.monotonic() + 10  # left idle, the worker trims once
+            while not trims and time.monotonic() < deadline:
+                time.sleep(0.001)
+            trims_seen.append(len(trims))
+            # Two batches queued at once, then the end: the worker is never idle again.
+            for i in (1, 2):
                 supervisor.sendall(pack({"op": "encode", "id": i, "texts": ["a"] * (i + 1)}))
-                replies.append(recv_frame(supervisor, 1 << 20))
+            supervisor.shutdown(socket.SHUT_WR)
+            replies.extend(recv_frame(supervisor, 1 << 20) for _ in range(2))
 
     thread = threading.Thread(target=supervise)
     thread.start()
@@ -146,9 +158,11 @@ def test_run_says_ready_serves_batches_and_ends_when_the_channel_closes(monkeypa
     channel.close()
     ready = replies[0].header
     assert ready == {"op": "ready", "pid": os.getpid(), "backend": w.backend.describe()}
-    assert [vectors_from_frame(f).shape for f in replies[1:]] == [(1, 32), (2, 32)]
+    assert [vectors_from_frame(f).shape for f in replies[1:]] == [(1, 32), (2, 32), (3, 32)]
     assert backend.calls == [("prepare", 3)]
-    assert trims == [1, 1]
+    # No trim before any batch ran; one while idle after the first; none between batches that
+    # wait in line, nor at the end.
+    assert trims_seen == [0, 1] and trims == [1]
 
 
 def test_run_needs_both_a_model_and_a_channel_and_touches_neither_without_them() -> None:
