@@ -59,8 +59,11 @@ TRIM_AFTER_IDLE_SECONDS = 0.05
 
 
 def _readable(sock: socket.socket, seconds: float) -> bool:
-    """Whether ``sock`` has something to read (a frame, or the end) within ``seconds``."""
-    return bool(select.select([sock], [], [], seconds)[0])
+    """Whether ``sock`` has something to read (a frame, or the end) within ``seconds``. poll,
+    not select: a forked worker's channel may have a descriptor number above select's 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000.0))
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -549,3 +549,20 @@ def test_a_forked_worker_drops_the_parent_s_descriptors_and_signal_handlers(
             data += chunk
     assert _wait_exit(pid, 30) == 0
     assert json.loads(data) == {"open": [10], "wakeup": -1, "handlers": [True] * 4, "sigint": True}
+
+
+def test_readable_tells_a_waiting_frame_even_on_a_descriptor_above_1024() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1100:
+        pytest.skip(f"the descriptor limit ({hard}) leaves no room above 1024")
+    if soft <= 1100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200 if hard == resource.RLIM_INFINITY else min(hard, 1200), hard))
+    a, b = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(b.fileno(), 1100))
+        with a, b, high:
+            assert not worker_module._readable(high, 0.0)
+            a.sendall(b"x")
+            assert worker_module._readable(high, 5.0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
