@@ -19,7 +19,8 @@ is free.
 * While other pieces wait, an **interactive batch is cut to a time budget** too
   (``query_batch_seconds``; at least one text). On a large model a batch of many queries runs
   for seconds, and the queries that arrive meanwhile wait for all of it; short batches served
-  in turn keep every query's wait about the same. A lone request is never cut by time.
+  in turn keep every query's wait about the same. A request alone in its class is never cut
+  by time.
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ class _ClassQueue:
         self.clients: collections.OrderedDict[int, collections.deque[Piece]] = collections.OrderedDict()
         self.texts = 0
         self.pieces = 0
+        self.queued: collections.Counter[Request] = collections.Counter()  # pieces waiting, by request
 
     def __bool__(self) -> bool:
         return self.pieces > 0
@@ -257,12 +259,16 @@ class _ClassQueue:
             queue.append(piece)
         self.texts += piece.count
         self.pieces += 1
+        self.queued[piece.request] += 1
 
     def pop(self, client: int) -> Piece:
         queue = self.clients[client]
         piece = queue.popleft()
         self.texts -= piece.count
         self.pieces -= 1
+        self.queued[piece.request] -= 1
+        if self.queued[piece.request] <= 0:
+            del self.queued[piece.request]
         if not queue:
             del self.clients[client]
         return piece
@@ -276,6 +282,7 @@ class _ClassQueue:
             if piece.request is request:
                 self.texts -= piece.count
                 self.pieces -= 1
+        self.queued.pop(request, None)
         if kept:
             self.clients[request.client] = kept
         else:
@@ -291,7 +298,7 @@ class _ClassQueue:
         return head
 
     def requests(self) -> int:
-        return len({id(p.request) for queue in self.clients.values() for p in queue})
+        return len(self.queued)
 
 
 @dataclass
@@ -413,10 +420,11 @@ class Scheduler:
 
     def _budget(self, priority: str, queue: _ClassQueue, threads: int) -> int | None:
         """Padded tokens the next batch of a class may hold (None: only the limits). An
-        interactive batch is cut to ``query_batch_seconds`` only when other pieces wait behind it."""
+        interactive batch is cut to ``query_batch_seconds`` only when other requests wait: the
+        pieces of one large request alone go in full batches."""
         if priority == "bulk":
             return self.token_budget(priority, threads)
-        if self.query_batch_seconds is None or queue.pieces <= 1:
+        if self.query_batch_seconds is None or len(queue.queued) <= 1:
             return None
         return self.token_budget(priority, threads, self.query_batch_seconds)
 

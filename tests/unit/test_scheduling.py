@@ -303,6 +303,8 @@ def test_interactive_batches_are_cut_to_their_time_budget_only_while_others_wait
     assert [len(s.take(0.0)) for _ in range(3)] == [3, 3, 2]  # 3 x 32 tokens fit the 100
     lone = submit(s, request(["a" * 90] * 8))
     assert len(lone) == 1 and sum(p.count for p in s.take(0.0)) == 8  # a lone request: no cut by time
+    assert len(submit(s, request(["a" * 90] * 64))) == 2  # one request in two pieces: full batches
+    assert [sum(p.count for p in s.take(0.0)) for _ in range(2)] == [32, 32]
     submit(s, request(["a" * 300] * 2))  # 102 tokens a text: over the budget alone
     submit(s, request(["a" * 90]))
     assert [sum(p.count for p in s.take(0.0)) for _ in range(3)] == [1, 1, 1]  # at least one text a batch
