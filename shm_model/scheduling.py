@@ -16,7 +16,7 @@ is free.
 * A **bulk batch is cut to a time budget** (``bulk_batch_seconds``), learned from measured
   seconds per padded token at each thread count, so that an interactive request waits at
   most about one bulk batch.
-* While other pieces wait, an **interactive batch is cut to a time budget** too
+* While other requests wait, an **interactive batch is cut to a time budget** too
   (``query_batch_seconds``; at least one text). On a large model a batch of many queries runs
   for seconds, and the queries that arrive meanwhile wait for all of it; short batches served
   in turn keep every query's wait about the same. A request alone in its class is never cut
