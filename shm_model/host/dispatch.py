@@ -86,7 +86,7 @@ class Dispatcher:
         self.scheduler = Scheduler(
             BatchLimits(max_texts=cfg.max_batch_size, max_tokens=cfg.max_batch_tokens, max_bytes=cfg.max_frame_bytes),
             bulk_share=cfg.bulk_share,
-            bulk_batch_seconds=cfg.bulk_batch_ms / 1000.0,
+            bulk_batch_seconds=self.bulk_wait_seconds,
             query_batch_seconds=cfg.query_batch_ms / 1000.0 if cfg.query_batch_ms > 0 else None,
             on_expired=self.expire,
         )

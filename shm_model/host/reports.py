@@ -69,7 +69,7 @@ def _percentiles(samples_ms: np.ndarray) -> dict[str, Any]:
     }
 
 
-def queue_report(scheduler: Scheduler, bulk_batch_ms: float, query_batch_ms: float = 0.0) -> dict[str, Any]:
+def queue_report(scheduler: Scheduler, bulk_batch_ms: float) -> dict[str, Any]:
     """Per priority class: what waits now, and how long admitted requests waited for a worker."""
     depth = scheduler.depth()
     report: dict[str, Any] = {}
@@ -87,7 +87,8 @@ def queue_report(scheduler: Scheduler, bulk_batch_ms: float, query_batch_ms: flo
     report["bulk_batch_ms"] = bulk_batch_ms
     # The budget in force: bulk_batch_ms once per layer while bulk batches pause for queries.
     report["bulk_batch_budget_ms"] = round(scheduler.bulk_batch_seconds * 1000.0, 1)
-    report["query_batch_ms"] = query_batch_ms  # 0: interactive batches are not cut by time
+    # 0: interactive batches are not cut by time (SHM_MODEL_QUERY_BATCH_MS=0)
+    report["query_batch_ms"] = round((scheduler.query_batch_seconds or 0.0) * 1000.0, 1)
     report["ms_per_1k_padded_tokens"] = {
         str(threads): round(rate * 1e6, 3) for threads, rate in sorted(scheduler.rates.items())
     }

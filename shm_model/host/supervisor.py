@@ -429,7 +429,7 @@ class Supervisor:
             "socket": self.socket_path,
             "uptime_s": round(time.time() - self.started, 3),
             "queue_depth": self.dispatcher.scheduler.queued_pieces(),
-            "queue": reports.queue_report(self.dispatcher.scheduler, self.cfg.bulk_batch_ms, self.cfg.query_batch_ms),
+            "queue": reports.queue_report(self.dispatcher.scheduler, self.cfg.bulk_batch_ms),
             "in_flight": len(self.dispatcher.requests),
             "queue_size": self.dispatcher.queue_size,
             "stopping": self._stopping,
