@@ -362,6 +362,47 @@ def test_the_sentence_transformer_backend_loads_places_and_encodes(bundled: Any)
     assert bundled.encode([], None).shape == (0, 384)
 
 
+def test_a_batch_runs_through_the_modules_with_the_vectors_encode_gives(
+    bundled: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = ["hello world", "word " * 400, "짧은 질문", "The quarterly report lists revenue."]
+    expected = {p: bundled.model.encode(texts, prompt=p, batch_size=len(texts)) for p in (None, "query: ")}
+    monkeypatch.setattr(bundled.model, "encode", lambda *a, **k: pytest.fail("encode is not needed"))
+    for prompt, reference in expected.items():
+        vectors = bundled.encode(texts, prompt)
+        assert vectors.dtype == np.float32 and vectors.shape == (4, 384)
+        assert np.allclose(vectors, reference, atol=1e-6), prompt
+    assert bundled.encode([], None).shape == (0, 384)
+
+
+def test_a_model_with_truncated_vectors_keeps_its_dimension(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = backends.SentenceTransformerBackend(
+        ModelConfig.load({"MODEL_NAME": "bundled", "MODEL_DEVICE": "cpu"}), HostConfig.load({}), place=False
+    )
+    backend.model.truncate_dim = 128
+    reference = backend.model.encode(["hello world", "bonjour"])
+    assert reference.shape == (2, 128)
+    backend.dimension = 128  # as a model saved with truncate_dim reports it
+    assert np.allclose(backend.encode(["hello world", "bonjour"], None), reference, atol=1e-6)
+
+
+def test_without_preprocess_the_backend_encodes_through_sentence_transformers(
+    bundled: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    real = bundled.model.encode
+
+    def encode(texts: list[str], **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(bundled.model, "encode", encode)
+    monkeypatch.setattr(bundled, "_forward_directly", False)
+    vectors = bundled.encode(["hello world", "bonjour"], "query: ")
+    assert [c["prompt"] for c in calls] == ["query: "] and calls[0]["batch_size"] == 2
+    assert np.allclose(vectors, real(["query: hello world", "query: bonjour"]), atol=1e-5)
+
+
 def test_tokens_are_counted_before_truncation_with_the_prompt(bundled: Any) -> None:
     counts = bundled.count_tokens(["hello world", "word " * 400], None)
     assert counts[0] == 4  # [CLS] hello world [SEP]

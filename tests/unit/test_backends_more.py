@@ -324,10 +324,12 @@ def test_a_batch_runs_through_the_model_once(bundled: Any) -> None:
 def test_vectors_are_the_models_own_not_normalized_again(bundled: Any) -> None:
     unnormalized = sentence_transformers.SentenceTransformer(modules=[bundled.model[0], bundled.model[1]], device="cpu")
     raw = backends.SentenceTransformerBackend.__new__(backends.SentenceTransformerBackend)
-    raw.model, raw._torch, raw.dimension = unnormalized, torch, bundled.dimension
-    vectors = raw.encode(["hello world", "bonjour"], None)
-    assert np.allclose(vectors, unnormalized.encode(["hello world", "bonjour"]), atol=1e-5)
-    assert not np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    raw.model, raw._torch, raw.dimension, raw._device = unnormalized, torch, bundled.dimension, torch.device("cpu")
+    for directly in (True, False):
+        raw._forward_directly = directly
+        vectors = raw.encode(["hello world", "bonjour"], None)
+        assert np.allclose(vectors, unnormalized.encode(["hello world", "bonjour"]), atol=1e-5)
+        assert not np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
 
 
 def test_no_progress_bar_even_at_info_level(
@@ -345,10 +347,21 @@ def test_vectors_are_float32_whatever_the_model_returns(bundled: Any) -> None:
             out = bundled.model.encode(texts, **kwargs)
             return out.astype(np.float16) if kwargs.get("convert_to_numpy") else out
 
-    half = backends.SentenceTransformerBackend.__new__(backends.SentenceTransformerBackend)
-    half.model, half._torch, half.dimension = Half(), torch, bundled.dimension
-    vectors = half.encode(["hello"], None)
-    assert vectors.dtype == np.float32 and vectors.shape == (1, 384)
+    class HalfModules:  # the same through the model's modules: a float16 sentence_embedding tensor
+        def preprocess(self, texts: list[str], prompt: str | None = None) -> dict[str, Any]:
+            return bundled.model.preprocess(texts, prompt=prompt)
+
+        def __call__(self, features: dict[str, Any]) -> dict[str, Any]:
+            out = bundled.model(features)
+            return {"sentence_embedding": out["sentence_embedding"].half()}
+
+    for model, directly in ((Half(), False), (HalfModules(), True)):
+        half = backends.SentenceTransformerBackend.__new__(backends.SentenceTransformerBackend)
+        half.model, half._torch, half.dimension = model, torch, bundled.dimension
+        half._forward_directly, half._device = directly, torch.device("cpu")
+        vectors = half.encode(["hello"], None)
+        assert vectors.dtype == np.float32 and vectors.shape == (1, 384)
+        assert np.allclose(vectors, bundled.model.encode(["hello"]), atol=1e-2)
 
 
 def test_counting_long_texts_logs_no_sequence_length_warning(
