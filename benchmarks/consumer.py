@@ -3,8 +3,8 @@
     python -m benchmarks.consumer local|copied|client MODEL[,MODEL...]
         embeds sample texts (with each model), prints one JSON line, then waits until stdin closes;
     python -m benchmarks.consumer loop MODEL THREADS SECONDS
-        loads its own model, prints a JSON line when ready, waits for a 'go' line, then
-        encodes one text at a time for SECONDS and prints the latencies as JSON.
+        loads its own model and prints a JSON line when ready; then, for each 'go' line on
+        stdin, encodes one text at a time for SECONDS and prints the latencies as JSON.
 
 ``local`` loads its own SentenceTransformer (the naive setup); ``copied`` does the same
 and then copies every weight into private memory, as a ``.bin`` checkpoint, a dtype
@@ -44,16 +44,18 @@ def _loop(model: str, threads: int, seconds: float) -> None:
     st = _load(model, threads)
     st.encode(SAMPLE[:4])
     print(json.dumps({"pid": os.getpid()}), flush=True)
-    sys.stdin.readline()
-    latencies = []
-    started = time.perf_counter()
     i = 0
-    while time.perf_counter() - started < seconds:
-        began = time.perf_counter()
-        st.encode([SENTENCES[i % len(SENTENCES)]])
-        latencies.append(time.perf_counter() - began)
-        i += 1
-    print(json.dumps({"latencies": latencies, "elapsed": time.perf_counter() - started}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            continue
+        latencies = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            began = time.perf_counter()
+            st.encode([SENTENCES[i % len(SENTENCES)]])
+            latencies.append(time.perf_counter() - began)
+            i += 1
+        print(json.dumps({"latencies": latencies, "elapsed": time.perf_counter() - started}), flush=True)
 
 
 def main() -> None:

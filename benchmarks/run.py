@@ -12,7 +12,9 @@ dynamic batching vs one model per process vs sentence-transformers' multi-proces
 vs infinity-emb) and transport (round trip through the host with a model-free backend).
 The machine is noisy, so full mode runs the concurrency section three times, each run every
 system in turn, and reports each figure's median and each ratio's median over the ratios
-measured within a run, with their range.
+measured within a run, with their range. At each level where both run, the host and one model
+per process take turns in blocks (``PAIRED_BLOCKS``), as the client and /v1/embeddings do, so
+that the machine's drift during a level falls on both alike.
 Results go to benchmarks/results/<mode>.json, .md and .png. Every process started is
 ended when the run ends, Ctrl-C included. The load generator shares the machine's cores
 with what it measures, the same for every system.
@@ -20,6 +22,7 @@ with what it measures, the same for every system.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,8 +201,33 @@ def bench_overhead(plan: Plan, model: str) -> list[dict[str, Any]]:
 # --- concurrency --------------------------------------------------------------------------
 
 
-def _drive(n: int, seconds: float, call: Any) -> dict[str, Any]:
-    """n threads call ``call(thread, i)`` for ``seconds``; count successes and latencies."""
+@dataclass
+class Tally:
+    """Latencies, errors and elapsed time of one system at one level, over one or more blocks."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def add(self, other: Tally) -> None:
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.elapsed += other.elapsed
+
+    def row(self, clients: int) -> dict[str, Any]:
+        return {
+            "clients": clients,
+            "requests": len(self.latencies),
+            "errors": len(self.errors),
+            "first_error": self.errors[0] if self.errors else None,
+            "throughput_rps": len(self.latencies) / self.elapsed,
+            "p50_ms": percentile(self.latencies, 50) * 1e3,
+            "p99_ms": percentile(self.latencies, 99) * 1e3,
+        }
+
+
+def _drive_tally(n: int, seconds: float, call: Any) -> Tally:
+    """n threads call ``call(thread, i)`` for ``seconds``; their latencies and errors."""
     latencies: list[list[float]] = [[] for _ in range(n)]
     errors: list[str] = []
     start = threading.Barrier(n + 1)
@@ -225,29 +254,98 @@ def _drive(n: int, seconds: float, call: Any) -> dict[str, Any]:
     start.wait()
     for t in threads:
         t.join(seconds + 120)
-    elapsed = time.perf_counter() - began
-    flat = [x for per in latencies for x in per]
-    return {
-        "clients": n,
-        "requests": len(flat),
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        "throughput_rps": len(flat) / elapsed,
-        "p50_ms": percentile(flat, 50) * 1e3,
-        "p99_ms": percentile(flat, 99) * 1e3,
-    }
+    return Tally([x for per in latencies for x in per], errors, time.perf_counter() - began)
 
 
-def _host_levels(plan: Plan, model: str, dtype: str = "float32") -> list[dict[str, Any]]:
-    rows = []
+def _drive(n: int, seconds: float, call: Any) -> dict[str, Any]:
+    """n threads call ``call(thread, i)`` for ``seconds``; count successes and latencies."""
+    return _drive_tally(n, seconds, call).row(n)
+
+
+#: At each level both run, the host and one model per process take turns in this many blocks,
+#: so that the machine's drift during a level falls on both alike.
+PAIRED_BLOCKS = 4
+
+
+def _host_levels(plan: Plan, model: str, dtype: str = "float32", *, paired: bool = False) -> dict[str, Any]:
+    """The host at each of ``plan.levels``; with ``paired``, also one model per process at each
+    of ``plan.naive_levels``, taking turns with the host in blocks."""
+    rows, naive_rows = [], []
     with host(model, SHM_MODEL_DTYPE=dtype) as sock:
         client = HostClient(sock, timeout=120, pool_size=max(plan.levels))
         client.encode(_texts(8))
+
+        def call(k: int, i: int) -> None:
+            client.encode([SENTENCES[(k + i) % 6]])
+
         for n in plan.levels:
-            rows.append(_drive(n, plan.level_seconds, lambda k, i: client.encode([SENTENCES[(k + i) % 6]])))
+            if not (paired and n in plan.naive_levels):
+                rows.append(_drive(n, plan.level_seconds, call))
+            else:
+                seconds = plan.level_seconds / PAIRED_BLOCKS
+                threads = max(1, _cores() // n)
+                hosted, naive = Tally(), Tally()
+                with _consumers(model, n, threads, seconds) as procs:
+                    for _ in range(PAIRED_BLOCKS):
+                        _wait_until_others_idle(client)
+                        hosted.add(_drive_tally(n, seconds, call))
+                        naive.add(_naive_block(procs))
+                rows.append(hosted.row(n))
+                naive_rows.append(naive.row(n) | {"threads_per_process": threads})
+                progress(f"concurrency: naive, {n} processes: {naive_rows[-1]['throughput_rps']:.0f} req/s")
             progress(f"concurrency: host {dtype}, {n} clients: {rows[-1]['throughput_rps']:.0f} req/s")
         client.close()
-    return rows
+    return {"host": rows, "naive": naive_rows}
+
+
+def _wait_until_others_idle(client: HostClient, timeout: float = 10.0) -> None:
+    """Until the host no longer counts the block of one model per process that just ended as
+    outside load, which would give a lone batch fewer threads for a sampling interval or two."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = client.status().get("outside_busy_cores")
+        if busy is None or busy < 0.5:
+            return
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _consumers(model: str, n: int, threads: int, seconds: float) -> Iterator[list[subprocess.Popen[str]]]:
+    """n processes, each with its own model and ``threads`` torch threads, ready for blocks of
+    ``seconds``."""
+    procs = [
+        spawn(
+            [sys.executable, "-m", "benchmarks.consumer", "loop", model, str(threads), str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=bench_env(),
+        )
+        for _ in range(n)
+    ]
+    try:
+        memory._wait_ready(procs)
+        yield procs
+    finally:
+        for proc in procs:
+            end(proc)
+
+
+def _naive_block(procs: list[subprocess.Popen[str]]) -> Tally:
+    """One block of every consumer encoding one text at a time, started together."""
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = []
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"consumer {proc.pid} exited with {proc.wait(60)} during a block")
+        results.append(json.loads(line))
+    return Tally([x for r in results for x in r["latencies"]], [], max(r["elapsed"] for r in results))
 
 
 def _tail(path: str, size: int = 64 * 1024) -> str:
@@ -320,49 +418,6 @@ def _http_levels(plan: Plan, model: str) -> dict[str, Any]:
         finally:
             end(proc)
     return {"http": http_rows, "client": client_rows}
-
-
-def _naive_levels(plan: Plan, model: str) -> list[dict[str, Any]]:
-    """n processes, each with its own model and its share of the cores, each one client."""
-    rows = []
-    for n in plan.naive_levels:
-        threads = max(1, _cores() // n)
-        procs = [
-            spawn(
-                [sys.executable, "-m", "benchmarks.consumer", "loop", model, str(threads), str(plan.level_seconds)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                env=bench_env(),
-            )
-            for _ in range(n)
-        ]
-        try:
-            memory._wait_ready(procs)
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-            results = [json.loads(proc.stdout.readline()) for proc in procs if proc.stdout]
-        finally:
-            for proc in procs:
-                end(proc)
-        flat = [x for r in results for x in r["latencies"]]
-        elapsed = max(r["elapsed"] for r in results)
-        rows.append(
-            {
-                "clients": n,
-                "requests": len(flat),
-                "errors": 0,
-                "throughput_rps": len(flat) / elapsed,
-                "p50_ms": percentile(flat, 50) * 1e3,
-                "p99_ms": percentile(flat, 99) * 1e3,
-                "threads_per_process": threads,
-            }
-        )
-        progress(f"concurrency: naive, {n} processes: {rows[-1]['throughput_rps']:.0f} req/s")
-    return rows
 
 
 def _st_pool(plan: Plan, model: str, count: int) -> dict[str, Any]:
@@ -455,10 +510,11 @@ def _infinity_levels(plan: Plan, model: str) -> dict[str, Any]:
 
 
 def _concurrency_once(plan: Plan, name: str, model: str) -> dict[str, Any]:
+    paired = _host_levels(plan, model, paired=True)
     out: dict[str, Any] = {
-        "host": _host_levels(plan, model),
-        "host_int8": _host_levels(plan, model, "int8"),
-        "naive": _naive_levels(plan, model),
+        "host": paired["host"],
+        "host_int8": _host_levels(plan, model, "int8")["host"],
+        "naive": paired["naive"],
         "http": _http_levels(plan, model),
     }
     count = plan.pool_sentences // BULK_DIVISOR.get(name, 1)
