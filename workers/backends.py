@@ -165,8 +165,8 @@ class SentenceTransformerBackend(Backend):
             self.place_seconds = time.perf_counter() - started
         self._torch = torch
         self._device = torch.device(self.device)
-        # ``preprocess`` (sentence-transformers 5 and later) is the input module's tokenization
-        # with the prompt; older versions go through ``encode``.
+        # ``preprocess`` is the input module's tokenization with the prompt; a release whose
+        # model lacks it (older ones have ``tokenize``) goes through ``encode``.
         self._forward_directly = callable(getattr(model, "preprocess", None))
 
     def prepare_worker(self, threads: int) -> None:
