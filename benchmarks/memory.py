@@ -62,13 +62,16 @@ def _start_consumers(mode: str, model: str, n: int, env: dict[str, str]) -> list
     ]
 
 
-def _wait_ready(procs: list[subprocess.Popen[str]], timeout: float = 600.0) -> list[dict[str, Any]]:
+def _wait_ready(
+    procs: list[subprocess.Popen[str]], timeout: float = 600.0, waiting_for: str = "before it was ready"
+) -> list[dict[str, Any]]:
+    """Each consumer's next JSON line (a consumer that exits instead fails, saying when)."""
     out = []
     for proc in procs:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"consumer {proc.pid} exited with {proc.wait(timeout)} before it was ready")
+            raise RuntimeError(f"consumer {proc.pid} exited with {proc.wait(timeout)} {waiting_for}")
         out.append(json.loads(line))
     return out
 

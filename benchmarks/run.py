@@ -338,13 +338,7 @@ def _naive_block(procs: list[subprocess.Popen[str]]) -> Tally:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
-    results = []
-    for proc in procs:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"consumer {proc.pid} exited with {proc.wait(60)} during a block")
-        results.append(json.loads(line))
+    results = memory._wait_ready(procs, 60, "during a block")
     return Tally([x for r in results for x in r["latencies"]], [], max(r["elapsed"] for r in results))
 
 
