@@ -56,7 +56,7 @@ class Plan:
     batch_sizes: list[int]
     overhead_seconds: float
     levels: list[int]
-    naive_levels: list[int]
+    naive_levels: list[int]  # measured in turns with the host, so each one is also in levels
     level_seconds: float
     pool_sentences: int
     transport_calls: int
@@ -77,7 +77,7 @@ PLANS = {
         [1, 8, 32, 128],
         2.0,
         [1, 4, 16, 32],
-        [1, 2, 4],
+        [1, 4],
         4.0,
         2048,
         2000,
