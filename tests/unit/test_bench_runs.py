@@ -108,3 +108,10 @@ def test_runs_option_overrides_the_modes_count(monkeypatch: pytest.MonkeyPatch, 
     assert [p.runs for p in seen] == [2, 3]
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--runs", "0"])
+
+
+def test_every_plan_measures_one_model_per_process_only_at_host_levels() -> None:
+    # One model per process is measured in turns with the host, level by level: a level the
+    # host does not run would silently have no figures.
+    for plan in bench.PLANS.values():
+        assert set(plan.naive_levels) <= set(plan.levels), plan.mode
