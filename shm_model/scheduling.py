@@ -200,10 +200,11 @@ class CoreShare:
     last overlap every batch gets its fair share, cores // workers, so that requests arriving
     one after another run side by side instead of queueing for cores.
 
-    When even one bulk text takes longer than a bulk batch may (a large model), bulk batches
-    run one at a time on every free core: a batch on all cores ends sooner than two side by
-    side on one core each, so an interactive request waits less for a core. Otherwise bulk
-    batches share the cores like any others, which keeps more of their throughput.
+    When the dispatcher keeps a worker free for queries (a large model, or queries lately:
+    ``Dispatcher._bulk_alone``), bulk batches run one at a time on every free core (``bulk``):
+    a batch on all cores ends sooner than two side by side on one core each, so an
+    interactive request waits less for a core. Otherwise bulk batches share the cores like
+    any others, which keeps more of their throughput.
     """
 
     def __init__(self, cores: int, workers: int, *, window: float = OVERLAP_WINDOW) -> None:

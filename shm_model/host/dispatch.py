@@ -56,6 +56,8 @@ from shm_model.scheduling import BatchLimits, CoreShare, Piece, Request, Schedul
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LENGTH = 512
+#: Seconds after an interactive request during which bulk batches leave a worker free for the next one.
+QUERY_WINDOW = 5.0
 
 
 class Dispatcher:
@@ -82,6 +84,9 @@ class Dispatcher:
         self.pausable = False  # bulk batches pause between layers for a query (forked workers)
         self.bulk_wait_seconds = cfg.bulk_batch_ms / 1000.0  # how long a query may wait behind bulk work
         self.pause_points = 1  # layers of the serving models (the fewest): see ``_set_bulk_budget``
+        self.workers = 1
+        self.bulk_alone_seconds = self.bulk_wait_seconds  # a bulk batch's budget while it leaves a worker free
+        self.last_query = float("-inf")  # loop time the last interactive request arrived
         self.core_share = CoreShare(cores, 1)
         self.scheduler = Scheduler(
             BatchLimits(max_texts=cfg.max_batch_size, max_tokens=cfg.max_batch_tokens, max_bytes=cfg.max_frame_bytes),
@@ -104,22 +109,25 @@ class Dispatcher:
 
     def configure(self, *, workers: int, threads: int, dynamic: bool, pausable: bool = False) -> None:
         """``pausable``: the workers are forked and can pause a batch between layers."""
-        self.threads, self.dynamic_threads = threads, dynamic
+        self.threads, self.dynamic_threads, self.workers = threads, dynamic, workers
         self.pausable = pausable and dynamic and self.cfg.pause_bulk
         self.core_share = CoreShare(self.cores, workers)
         self._set_bulk_budget()
 
     def _set_bulk_budget(self) -> None:
         """A bulk batch's time budget: how long a query may wait behind bulk work
-        (``SHM_MODEL_BULK_BATCH_MS``). When bulk batches pause for queries, a query waits only
-        for the running layer, so a batch may take the budget once per layer: on the
-        KURE-shaped model (24 layers) a 250 ms batch holds one sentence, and one input of
-        short sentences ran at 4.3-4.4 sentences/s; with 24 x 250 ms, at 11.3-13.2.
-
-        Whether bulk batches run one at a time still follows the unscaled budget: a batch
-        paused for a query holds its worker, so two side by side would leave none free."""
-        points = self.pause_points if self.pausable else 1
-        self.scheduler.bulk_batch_seconds = self.bulk_wait_seconds * points
+        (``SHM_MODEL_BULK_BATCH_MS``). When bulk batches pause for queries and a bulk batch
+        runs alone, leaving a worker free (``_bulk_alone``), a query waits only for the running
+        layer, so the batch may take the budget once per layer: on the KURE-shaped model (24
+        layers) a 250 ms batch holds one sentence, and one input of short sentences ran at
+        4.3-4.4 sentences/s; with 24 x 250 ms, at 11.3-13.2. Bulk batches side by side keep the
+        budget unscaled: a batch paused for a query holds its worker, so with every worker on
+        bulk work a query waits for a whole batch (``benchmarks.mixed --quick``, bundled model:
+        query p99 during an ingestion 408 ms with scaled batches side by side, 188 ms with a
+        worker left free)."""
+        points = self.pause_points if self.pausable and self.workers > 1 else 1
+        self.bulk_alone_seconds = self.bulk_wait_seconds * points
+        self.scheduler.bulk_batch_seconds = self.bulk_wait_seconds
 
     def set_models(self, meta: dict[str, Any]) -> None:
         """The serving generation's description: its default model's fields, and ``models``
@@ -165,6 +173,8 @@ class Dispatcher:
         prompt = self.resolve_prompt(header, model)
         truncate = optional_bool(header, "truncate", True)
         priority = request_priority(header, len(texts))
+        if priority == "interactive":
+            self.last_query = asyncio.get_running_loop().time()
         timeout = min(request_timeout(header) or self.cfg.request_timeout, self.cfg.max_request_timeout)
         dim = int(model["dimension"])
         self.counters["requests"] += 1
@@ -311,12 +321,23 @@ class Dispatcher:
             return self.threads
         busy = self.pool.busy()
         held = self._held()
-        # A large model (one bulk text takes longer than a query should wait, SHM_MODEL_BULK_BATCH_MS):
-        # bulk batches run one at a time, so that a worker stays free for queries.
-        if self.scheduler.next_priority() == "bulk" and self.scheduler.bulk_text_over_budget(self.bulk_wait_seconds):
-            return self.core_share.bulk(held, any(w.priority == "bulk" for w in busy))
+        if self.scheduler.next_priority() == "bulk":
+            alone = self._bulk_alone(now)
+            self.scheduler.bulk_batch_seconds = self.bulk_alone_seconds if alone else self.bulk_wait_seconds
+            if alone:
+                return self.core_share.bulk(held, any(w.priority == "bulk" for w in busy))
         interactive = sum(1 for w in busy if w.priority != "bulk")
         return self.core_share.threads(now, held, interactive, idle, self.scheduler.queued_pieces())
+
+    def _bulk_alone(self, now: float) -> bool:
+        """Whether bulk batches run one at a time on every free core, so that a worker stays
+        free for a query: on a large model (one bulk text takes longer than a query should wait,
+        SHM_MODEL_BULK_BATCH_MS), and, while bulk batches pause for queries, for
+        ``QUERY_WINDOW`` seconds after an interactive request arrived. Otherwise bulk batches
+        share the cores side by side, which keeps more of their throughput."""
+        if self.scheduler.bulk_text_over_budget(self.bulk_wait_seconds):
+            return True
+        return self.pausable and self.workers > 1 and now - self.last_query < QUERY_WINDOW
 
     async def _run_batch(self, w: WorkerHandle, pieces: list[Piece]) -> None:
         """Send one batch to a worker marked busy with it, and deliver what comes back."""

@@ -85,7 +85,8 @@ def queue_report(scheduler: Scheduler, bulk_batch_ms: float) -> dict[str, Any]:
             "batch_ms": _percentiles(np.asarray(stats.batch_seconds, dtype=np.float64) * 1000.0),
         }
     report["bulk_batch_ms"] = bulk_batch_ms
-    # The budget in force: bulk_batch_ms once per layer while bulk batches pause for queries.
+    # The budget of the latest bulk batch: bulk_batch_ms once per layer while a bulk batch runs
+    # alone (a worker free for queries) and pauses between layers for them.
     report["bulk_batch_budget_ms"] = round(scheduler.bulk_batch_seconds * 1000.0, 1)
     # 0: interactive batches are not cut by time (SHM_MODEL_QUERY_BATCH_MS=0)
     report["query_batch_ms"] = round((scheduler.query_batch_seconds or 0.0) * 1000.0, 1)

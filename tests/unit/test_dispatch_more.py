@@ -14,7 +14,7 @@ import pytest
 
 from config.model_config import HostConfig
 from shm_model.errors import BadRequest, HostUnavailable, InternalError, ModelNotFound, Overloaded
-from shm_model.host.dispatch import DEFAULT_MAX_SEQ_LENGTH, Dispatcher
+from shm_model.host.dispatch import DEFAULT_MAX_SEQ_LENGTH, QUERY_WINDOW, Dispatcher
 from shm_model.host.pool import WorkerState
 from shm_model.protocol import vectors_reply
 from shm_model.scheduling import BatchLimits, estimate_tokens
@@ -571,8 +571,11 @@ def test_a_bulk_batch_may_take_the_budget_once_per_layer_only_when_it_pauses(
     assert d.scheduler.bulk_batch_seconds == 0.25
     d.configure(workers=2, threads=1, dynamic=dynamic, pausable=pausable)
     d.set_models(two_models(6, 24))  # the model with the fewest layers sets the budget
-    assert d.scheduler.bulk_batch_seconds == pytest.approx(seconds)
+    assert d.bulk_alone_seconds == pytest.approx(seconds)
+    assert d.scheduler.bulk_batch_seconds == 0.25  # side by side: unscaled
     assert d.pause_points == 6
+    d.configure(workers=1, threads=1, dynamic=dynamic, pausable=pausable)  # a paused batch holds the only worker
+    assert d.bulk_alone_seconds == pytest.approx(0.25)
 
 
 def test_the_interactive_batch_budget_comes_from_the_setting_and_zero_turns_it_off() -> None:
@@ -585,19 +588,28 @@ def test_models_that_do_not_say_their_layers_count_as_one() -> None:
     d = bare_dispatcher()
     d.configure(workers=2, threads=1, dynamic=True, pausable=True)
     d.set_models(two_models(24, None))
-    assert d.pause_points == 1 and d.scheduler.bulk_batch_seconds == pytest.approx(0.25)
+    assert d.pause_points == 1 and d.bulk_alone_seconds == pytest.approx(0.25)
     d.set_models({"model": "one", "pause_points": 12})  # one model, no "models" list
-    assert d.pause_points == 12 and d.scheduler.bulk_batch_seconds == pytest.approx(3.0)
+    assert d.pause_points == 12 and d.bulk_alone_seconds == pytest.approx(3.0)
     d.set_models({"model": "bad", "pause_points": 0})
     assert d.pause_points == 1
 
 
-@pytest.mark.parametrize(("seconds_per_text", "batches"), [(0.5, 1), (0.05, 2)])
-def test_a_large_models_bulk_batches_run_one_at_a_time_though_the_budget_grows_per_layer(
-    seconds_per_text: float, batches: int
+@pytest.mark.parametrize(
+    ("seconds_per_text", "query_age", "batches", "budget"),
+    [
+        (0.5, None, 1, 6.0),  # a large model: one at a time, the budget once per layer
+        (0.05, None, 2, 0.25),  # a small one with no query about: side by side, unscaled
+        (0.05, 1.0, 1, 6.0),  # a query came 1 s ago: a worker stays free for the next
+        (0.05, QUERY_WINDOW + 0.5, 2, 0.25),  # long ago
+    ],
+)
+def test_bulk_batches_run_one_at_a_time_and_per_layer_only_while_that_leaves_a_worker_for_queries(
+    seconds_per_text: float, query_age: float | None, batches: int, budget: float
 ) -> None:
     """Paused for a query, a bulk batch keeps its worker: where one text takes longer than a
-    query should wait (250 ms), a second bulk batch beside it would leave no worker free."""
+    query should wait (250 ms), or while queries come, a second bulk batch beside it would
+    leave no worker free, and the query would wait for a whole batch."""
 
     async def body() -> None:
         host = Host(size=2, dispatcher=True, dynamic=True, bulk_batch_ms=250)
@@ -606,13 +618,29 @@ def test_a_large_models_bulk_batches_run_one_at_a_time_though_the_budget_grows_p
         assert d is not None
         d.configure(workers=2, threads=1, dynamic=True, pausable=True)
         d.set_models({**META, "pause_points": 24})
-        assert d.scheduler.bulk_batch_seconds == pytest.approx(6.0)
+        assert d.bulk_alone_seconds == pytest.approx(6.0)
+        if query_age is not None:
+            d.last_query = now() - query_age
         text = "가" * 30
         d.scheduler.observe(1, 1000, seconds_per_text * 1000 / estimate_tokens(text, 512))
         submit(d, FakeConnection(), 1, [text] * 64, priority="bulk")  # dispatched at once
         busy = host.pool.busy()
         assert len(busy) == batches
         assert sorted(w.threads for w in busy) == ([2] if batches == 1 else [1, 1])
+        assert d.scheduler.bulk_batch_seconds == pytest.approx(budget)
+        await host.close()
+
+    run(body())
+
+
+def test_an_interactive_request_marks_the_time_of_the_last_query_and_a_bulk_one_does_not() -> None:
+    async def body() -> None:
+        host, d = await held_host(size=1)
+        submit(d, FakeConnection(), 1, ["a"] * 64, priority="bulk")
+        assert d.last_query == float("-inf")
+        before = now()
+        submit(d, FakeConnection(), 2, ["a"])  # interactive by default (one text)
+        assert before <= d.last_query <= now()
         await host.close()
 
     run(body())
