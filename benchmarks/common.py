@@ -154,8 +154,16 @@ def write_results(
     progress(f"wrote {base}.json, .md{'' if problem else ', .png'}")
 
 
-def main(doc: str | None, plans: Mapping[str, Any], run: Callable[[Any, str], object], argv: list[str] | None) -> int:
-    """The benchmarks' command line: one of --tiny/--quick/--full (quick by default) and --out."""
+def main(
+    doc: str | None,
+    plans: Mapping[str, Any],
+    run: Callable[[Any, str], object],
+    argv: list[str] | None,
+    *,
+    repeated: str = "the concurrency section",
+) -> int:
+    """The benchmarks' command line: one of --tiny/--quick/--full (quick by default), --out, and
+    --runs when every plan has ``runs`` (``repeated`` says what a run repeats)."""
     import argparse
     import dataclasses
 
@@ -170,7 +178,8 @@ def main(doc: str | None, plans: Mapping[str, Any], run: Callable[[Any, str], ob
             "--runs",
             type=int,
             metavar="N",
-            help="repeat the concurrency section N times and report medians (default: the mode's, 3 in full mode)",
+            help=f"repeat {repeated} N times and report medians (default: the mode's, "
+            f"{', '.join(f'{mode} {plan.runs}' for mode, plan in plans.items())})",
         )
     args = parser.parse_args(argv)
     plan = plans[args.mode or "quick"]

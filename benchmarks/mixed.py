@@ -290,7 +290,7 @@ def run(plan: Plan, out_dir: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(__doc__, PLANS, run, argv)
+    return common.main(__doc__, PLANS, run, argv, repeated="every measurement of each model")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,23 @@ def test_runs_option_overrides_the_modes_count(monkeypatch: pytest.MonkeyPatch, 
         bench.main(["--quick", "--runs", "0"])
 
 
+@pytest.mark.parametrize(
+    ("module", "repeats"), [("run", "the concurrency section"), ("mixed", "every measurement of each model")]
+)
+def test_runs_help_says_what_each_benchmark_repeats_and_each_modes_count(
+    module: str, repeats: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    benchmark = importlib.import_module(f"benchmarks.{module}")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--runs N repeat {repeats} N times" in text
+    counts = ", ".join(f"{mode} {plan.runs}" for mode, plan in benchmark.PLANS.items())
+    assert f"(default: the mode's, {counts})" in text
+
+
 def test_every_plan_measures_one_model_per_process_only_at_host_levels() -> None:
     # One model per process is measured in turns with the host, level by level: a level the
     # host does not run would silently have no figures.
