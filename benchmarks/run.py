@@ -2,7 +2,7 @@
 
     python -m benchmarks.run --quick        # a few minutes: the bundled model
     python -m benchmarks.run --full         # the bundled and the KURE-shaped model, more load
-    python -m benchmarks.run --tiny         # seconds: every benchmark once, for the test suite
+    python -m benchmarks.run --tiny         # minutes: every section once, for the slow tests
     python -m benchmarks.run --quick --runs 3   # the concurrency section 3 times, medians
 
 Sections: memory (RSS/PSS/USS sums, naive vs host), start-up (process start to first

@@ -1,4 +1,5 @@
-"""Every benchmark runs once in a tiny configuration, so that the scripts cannot rot."""
+"""Every benchmark runs once in a tiny configuration, so that the scripts cannot rot (the main
+benchmark's tiny run takes minutes: it is among the slow tests)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def run_tiny(module: str, out: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow  # about 3 minutes of model processes started one after another
 @pytest.mark.timeout(600)
 def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
     proc = run_tiny("benchmarks.run", tmp_path)

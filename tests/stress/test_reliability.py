@@ -38,7 +38,7 @@ def test_chaos_kills_a_worker_every_200ms_and_no_request_is_lost(host_factory, b
     texts = [f"혼돈 시험 문장 {i}: 서울 {i * 7}" for i in range(200)]
     reference = bundled_model.encode(texts)
     client = host.client(pool_size=8, timeout=60)
-    threads_n, per_thread = 8, 250
+    threads_n, per_thread = 8, 125
     results: dict[int, int] = {}
     wrong: list[int] = []
     failures: list[str] = []
@@ -159,7 +159,7 @@ def fuzz_host(tmp_path_factory: pytest.TempPathFactory):
         host.terminate()
 
 
-FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "5000"))
+FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "1000"))
 fuzz_seen = {"cases": 0, "replies": 0, "closed": 0}
 
 
@@ -189,14 +189,14 @@ def test_fuzzed_frames_get_a_typed_error_or_a_closed_connection(fuzz_host: Host,
     else:
         fuzz_seen["closed"] += 1
     assert fuzz_host.proc.poll() is None, "the host died"
-    if fuzz_seen["cases"] % 500 == 0:  # a normal request still works
+    if fuzz_seen["cases"] % 250 == 0:  # a normal request still works
         with HostClient(fuzz_host.socket, timeout=10) as client:
             assert client.encode(["still serving"]).shape == (1, 32)
 
 
 def test_fuzzing_ran_and_the_host_serves_after_it(fuzz_host: Host) -> None:
     print(f"\nfuzzing: {fuzz_seen}")
-    assert fuzz_seen["cases"] >= min(FUZZ_CASES, 5000) and fuzz_seen["replies"] > 0 and fuzz_seen["closed"] > 0
+    assert fuzz_seen["cases"] >= FUZZ_CASES and fuzz_seen["replies"] > 0 and fuzz_seen["closed"] > 0
     with HostClient(fuzz_host.socket, timeout=10) as client:
         assert client.encode("after fuzzing").shape == (32,)
         assert client.status()["pid"] == fuzz_host.proc.pid
@@ -211,7 +211,7 @@ def fds(pid: int) -> int:
 
 @pytest.mark.parametrize(
     ("backend", "requests"),
-    [("dummy", 20_000), ("bundled", 5_000), pytest.param("bundled", 20_000, marks=pytest.mark.slow)],
+    [("dummy", 20_000), ("bundled", 2_000), pytest.param("bundled", 20_000, marks=pytest.mark.slow)],
 )
 def test_soak_leaks_no_memory_descriptors_or_segments(host_factory, backend: str, requests: int) -> None:
     shm_before = set(os.listdir("/dev/shm"))
@@ -234,8 +234,9 @@ def test_soak_leaks_no_memory_descriptors_or_segments(host_factory, backend: str
             t.join(300)
 
     # Warm-up: pools, caches, the allocator, and the pages of the weights that these texts touch
-    # (worker RSS counts the file-backed weight pages as they are first read).
-    run(min(requests // 5, 4_000))
+    # (worker RSS counts the file-backed weight pages as they are first read): every thread's
+    # 250 texts at least once.
+    run(max(1_000, min(requests // 5, 4_000)))
     workers = {pid: psutil.Process(pid).memory_info().rss for pid in host.worker_pids()}
     sup_fds = fds(host.proc.pid)
     started = time.monotonic()
@@ -285,8 +286,9 @@ def test_auto_mode_falls_back_to_local_when_the_supervisor_dies(host_factory, tm
 
 def test_ingestion_killed_midway_leaves_a_consistent_store_and_resumes(bundled_host: Host, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
-    for i in range(6):
+    for i in range(3):
         samples.write_corpus(docs / f"set{i}")
+    total = sum(1 for path in docs.rglob("*") if path.is_file())
     db = tmp_path / "rag.db"
     env = base_env(SHM_MODEL_MODE="shared", SHM_MODEL_SOCKET=bundled_host.socket, RAG_DB=str(db))
     cmd = [sys.executable, str(ROOT / "rag_with_tables.py"), "ingest", "--events", str(docs)]
@@ -317,13 +319,14 @@ def test_ingestion_killed_midway_leaves_a_consistent_store_and_resumes(bundled_h
             return int(conn.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
 
     partial = check()
-    assert 5 <= partial < 42
+    assert 5 <= partial < total
     rerun = subprocess.run([*cmd[:-2], "--json", str(docs)], env=env, cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads(rerun.stdout)
-    assert len(report["unchanged"]) == partial and len(report["added"]) == 42 - partial
-    assert check() == 42
-    print(f"\ningestion: killed after {partial} of 42 files; the re-run added {42 - partial}, skipped {partial}")
+    assert len(report["unchanged"]) == partial and len(report["added"]) == total - partial
+    assert check() == total
+    added = total - partial
+    print(f"\ningestion: killed after {partial} of {total} files; the re-run added {added}, skipped {partial}")
 
 
 # --- HTTP under load ---------------------------------------------------------------------------------
@@ -337,7 +340,7 @@ def test_http_load_has_no_errors_but_explicit_429(bundled_host: Host, tmp_path: 
         statuses: dict[int, int] = {}
         latencies: list[float] = []
         lock = threading.Lock()
-        stop = time.monotonic() + float(os.environ.get("HTTP_LOAD_SECONDS", "20"))
+        stop = time.monotonic() + float(os.environ.get("HTTP_LOAD_SECONDS", "10"))
 
         def client(k: int) -> None:
             with httpx.Client(base_url=url, timeout=30) as http:
