@@ -3,7 +3,7 @@
     python -m benchmarks.mixed --quick      # the bundled model, 3 runs
     python -m benchmarks.mixed --full       # the bundled and the KURE-shaped model, 3 runs each
     python -m benchmarks.mixed --kure       # the KURE-shaped model only, 48 passages, 3 runs
-    python -m benchmarks.mixed --tiny       # seconds, for the test suite
+    python -m benchmarks.mixed --tiny       # under a minute, for the slow tests
 
 For each model and run: the query latency when the host is idle, the bulk job's throughput
 alone, then both at once (queries as ``interactive``, the bulk job as ``bulk``; and, for

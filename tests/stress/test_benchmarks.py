@@ -1,5 +1,5 @@
-"""Every benchmark runs once in a tiny configuration, so that the scripts cannot rot (the main
-benchmark's tiny run takes minutes: it is among the slow tests)."""
+"""Every benchmark runs once in a tiny configuration, so that the scripts cannot rot. Both are
+among the slow tests: they start one model process after another (minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
     assert "ending every process" not in proc.stderr
 
 
+@pytest.mark.slow  # about 40 s
 @pytest.mark.timeout(600)
 def test_tiny_mixed_load_run_reports_queries_during_an_ingestion(tmp_path: Path) -> None:
     run_tiny("benchmarks.mixed", tmp_path)
