@@ -219,15 +219,16 @@ def test_soak_leaks_no_memory_descriptors_or_segments(host_factory, backend: str
     host = host_factory(SHM_MODEL_LOG_LEVEL="warning", **env)
     client = host.client(pool_size=4, timeout=60)
     dim = 32 if backend == "dummy" else 384
+    n_threads, n_texts = 4, 250
 
     def run(n: int) -> None:
         def worker(t: int) -> None:
-            for i in range(n // 4):
-                # The same 250 texts a thread throughout, all seen in the warm-up: new words
+            for i in range(n // n_threads):
+                # The same texts a thread throughout, all seen in the warm-up: new words
                 # would page in more of the weights.
-                assert client.encode([f"soak {t} {i % 250}", "둘"]).shape == (2, dim)
+                assert client.encode([f"soak {t} {i % n_texts}", "둘"]).shape == (2, dim)
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
         for t in threads:
             t.start()
         for t in threads:
@@ -235,8 +236,8 @@ def test_soak_leaks_no_memory_descriptors_or_segments(host_factory, backend: str
 
     # Warm-up: pools, caches, the allocator, and the pages of the weights that these texts touch
     # (worker RSS counts the file-backed weight pages as they are first read): every thread's
-    # 250 texts at least once.
-    run(max(1_000, min(requests // 5, 4_000)))
+    # texts at least once.
+    run(max(n_threads * n_texts, min(requests // 5, 4_000)))
     workers = {pid: psutil.Process(pid).memory_info().rss for pid in host.worker_pids()}
     sup_fds = fds(host.proc.pid)
     started = time.monotonic()
