@@ -4,6 +4,7 @@ TEI's on TEI's routes), and the app's exception handlers."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,11 +100,18 @@ async def store_error(request: Request, exc: StoreError) -> JSONResponse:
     return error_response(503, "store_unavailable", str(exc), path=request.url.path)
 
 
+def problem(error: dict[str, Any]) -> str:
+    """One validation error in a line: where, then what."""
+    if error.get("type") == "json_invalid":  # loc is ("body", the character the parser stopped at)
+        reason = str(error.get("ctx", {}).get("error", ""))[:200]
+        return f"the body is not valid JSON at character {error['loc'][-1]}: {reason}"
+    where = ".".join(str(p) for p in error["loc"] if p != "body")[:40] or "body"
+    return f"{where}: {str(error['msg'])[:200]}"
+
+
 async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     found = exc.errors()
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body')[:40] or 'body'}: {str(e['msg'])[:200]}" for e in found[:3]
-    )
+    problems = "; ".join(problem(e) for e in found[:3])
     if len(found) > 3:
         problems += f" (and {len(found) - 3} more)"
     return error_response(422, "bad_request", problems, path=request.url.path)

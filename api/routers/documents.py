@@ -13,13 +13,14 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import JSONResponse
 
 from api.errors import error_response
+from api.json_body import JSONRoute
 from api.settings import Settings
 from api.state import AppStateDep
 from shm_model import errors
 from tablerag.documents import SUPPORTED
 from tablerag.jobs import Jobs, safe_name
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def store_uploads(settings: Settings, files: list[UploadFile]) -> tuple[str, list[str], dict[str, str]]:

@@ -9,11 +9,12 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from api.json_body import JSONRoute
 from api.schemas import EmbeddingsRequest
 from api.state import AppState, AppStateDep
 from api.tokens import check_dimensions, served_model, served_models, texts_of
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def model_card(info: dict[str, Any]) -> dict[str, Any]:

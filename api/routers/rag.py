@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.json_body import JSONRoute
 from api.schemas import ChatRequest, SearchRequest
 from api.state import AppState, AppStateDep
 from shm_model import errors
 from tablerag.answers import citations, llm_answer, respond
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def find(api: AppState, body: SearchRequest) -> JSONResponse:

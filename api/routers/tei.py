@@ -12,13 +12,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.errors import error_response
+from api.json_body import JSONRoute
 from api.routers.health import READY_TIMEOUT
 from api.schemas import MAX_INPUTS, EmbedRequest, TokenizeRequest
 from api.state import AppState, AppStateDep
 from api.tokens import check_dimensions, keep_last_tokens, texts_of, tokenize
 from shm_model import errors
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 def pooling_of(folder: str) -> str:
