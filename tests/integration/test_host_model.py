@@ -76,6 +76,7 @@ def test_workers_hold_no_private_copy_of_the_weights(bundled_host: Host) -> None
     assert status["weight_bytes"] > 80 * 2**20
 
 
+@pytest.mark.serial  # a client's start and first vector within 2 s
 def test_client_imports_neither_torch_nor_sentence_transformers(bundled_host: Host) -> None:
     code = (
         "import sys, time\n"

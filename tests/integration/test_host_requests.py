@@ -95,6 +95,7 @@ def test_concurrent_requests_are_batched_and_in_order(dummy_host: Host) -> None:
     assert sum(w["batches"] for w in status["workers"]) < 16 * 50  # some requests shared a batch
 
 
+@pytest.mark.serial  # the timeout must arrive within 0.1 s of its deadline
 def test_timeout_arrives_by_the_deadline_and_hung_worker_is_replaced(host_factory) -> None:
     host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKER_GRACE="0.5")
     client = host.client()
@@ -186,6 +187,7 @@ def test_bad_frames_get_typed_errors_and_the_host_keeps_serving(
     assert_serves(dummy_host)
 
 
+@pytest.mark.serial  # refused within 5 s
 def test_millions_of_tiny_strings_are_refused_cheaply(dummy_host: Host) -> None:
     body = b'{"id":6,"op":"encode","texts":[' + b",".join([b'""'] * 2_000_000) + b"]}"
     with raw(dummy_host) as sock:

@@ -119,6 +119,7 @@ def test_the_job_runner_loads_without_fastapi() -> None:
     assert done.stdout.strip() == "[]", done.stdout
 
 
+@pytest.mark.serial  # the import within 1 s
 def test_the_client_imports_neither_pydantic_nor_torch_and_starts_fast() -> None:
     probe = (
         "import sys, time; t = time.perf_counter(); import shm_model.client; "

@@ -32,6 +32,8 @@ from shm_model.errors import InsufficientMemory, ShmModelError
 from shm_model.pressure import CAUSES, DEGRADED_KINDS
 from tests.conftest import ROOT, Host, api_server, launch, poll
 
+pytestmark = pytest.mark.serial  # reloads and OOM kills timed against live traffic
+
 MiB = 1 << 20
 GiB = 1 << 30
 

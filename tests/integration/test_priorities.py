@@ -15,6 +15,8 @@ import pytest
 from shm_model.protocol import pack, recv_frame, vectors_from_frame
 from tests.conftest import poll
 
+pytestmark = pytest.mark.serial  # waits measured against the cores other processes leave free
+
 SLEEP = "__sleep__:0.05"
 
 

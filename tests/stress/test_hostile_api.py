@@ -33,6 +33,8 @@ from tablerag.jobs import MAX_NAME_BYTES, Jobs, short_name
 from tests.conftest import ROOT, ApiUrl, Host, base_env, launch, poll
 from tests.conftest import api_server as run_api_server
 
+pytestmark = pytest.mark.serial  # bounds on seconds and on /health latency
+
 MB = 1 << 20
 HEALTH_BOUND = 0.1
 RSS_BOUND = 512 * MB

@@ -24,6 +24,8 @@ from tablerag.store import ModelMismatch, SQLiteStore
 from tests.conftest import ROOT, Host, base_env, launch
 from tests.integration.test_rag import HashModel
 
+pytestmark = pytest.mark.serial  # bounds on seconds per hostile file
+
 # --- hostile files -----------------------------------------------------------------------
 
 

@@ -301,6 +301,7 @@ def test_connections_over_the_limit_are_overloaded(host_factory) -> None:
             sock.close()
 
 
+@pytest.mark.serial  # frame timeouts and a normal request within 5 s
 def test_connections_announcing_huge_frames_cannot_exhaust_memory(host_factory) -> None:
     host = host_factory(SHM_MODEL_BACKEND="dummy", SHM_MODEL_WORKERS="1", SHM_MODEL_FRAME_TIMEOUT="20")
     supervisor = psutil.Process(host.proc.pid)

@@ -333,6 +333,7 @@ def test_ingestion_killed_midway_leaves_a_consistent_store_and_resumes(bundled_h
 # --- HTTP under load ---------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # clients' timeouts under a full CPU would be errors
 def test_http_load_has_no_errors_but_explicit_429(bundled_host: Host, tmp_path: Path) -> None:
     import httpx
 
