@@ -4,8 +4,9 @@ FastAPI parses a JSON body with the standard library on the event loop, which th
 nothing else, ``/health/live`` included. A body at the JSON limit of 2 MB made of small
 integers took 44-97 ms there against 15-36 ms with orjson on a 2-core AVX2 machine. orjson's
 ``JSONDecodeError`` is a ``json.JSONDecodeError``, which FastAPI answers as a 422 like any
-other malformed body; orjson also refuses what the standard library lets through: NaN,
-integers beyond 64 bits, lone surrogates, nesting deeper than 1,024.
+other malformed body. orjson also refuses what the standard library lets through (NaN and
+Infinity, lone surrogates, nesting deeper than 1,024), and reads an integer beyond 64 bits as a
+float, which token-id inputs then refuse by its type.
 """
 
 from __future__ import annotations
