@@ -83,6 +83,10 @@ class Backend(abc.ABC):
         """Tokens of each text with its prompt and the special tokens, before any truncation
         (the model encodes at most ``max_seq_length`` of them)."""
 
+    def encode_counted(self, texts: list[str], prompt: str | None) -> tuple[np.ndarray, list[int]]:
+        """``encode`` and ``count_tokens`` of one batch (a backend may share their work)."""
+        return self.encode(texts, prompt), self.count_tokens(texts, prompt)
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
@@ -184,7 +188,9 @@ class SentenceTransformerBackend(Backend):
     def encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
         with self._torch.inference_mode():
             if self._forward_directly:
-                return self._forward(texts, prompt)
+                if not texts:
+                    return self._empty()
+                return self._forward(self.model.preprocess(texts, prompt=prompt), len(texts))
             vectors = self.model.encode(
                 texts,
                 prompt=prompt,
@@ -195,22 +201,48 @@ class SentenceTransformerBackend(Backend):
             )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-    def _forward(self, texts: list[str], prompt: str | None) -> np.ndarray:
+    def encode_counted(self, texts: list[str], prompt: str | None) -> tuple[np.ndarray, list[int]]:
+        """One tokenization for both: a text's count is its row of the attention mask, unless
+        the row is full (the text may have been cut), when it is counted again uncut. That
+        saves the second tokenizer call, about 0.2-0.5 ms of a one-text batch on the bundled
+        model."""
+        if not (self._forward_directly and texts):
+            return super().encode_counted(texts, prompt)
+        with self._torch.inference_mode():
+            features = self.model.preprocess(texts, prompt=prompt)
+            counts = self._mask_counts(features, texts, prompt)
+            return self._forward(features, len(texts)), counts
+
+    def _mask_counts(self, features: dict[str, Any], texts: list[str], prompt: str | None) -> list[int]:
+        mask = features.get("attention_mask")
+        limit = getattr(self.model, "max_seq_length", None)
+        if not isinstance(mask, self._torch.Tensor) or mask.ndim != 2 or mask.shape[0] != len(texts) or not limit:
+            return self.count_tokens(texts, prompt)
+        counts = [int(n) for n in mask.sum(dim=1).tolist()]
+        full = [i for i, n in enumerate(counts) if n >= limit]
+        if full:
+            for i, n in zip(full, self.count_tokens([texts[i] for i in full], prompt), strict=True):
+                counts[i] = n
+        return counts
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.dimension), dtype=np.float32)
+
+    def _forward(self, features: dict[str, Any], rows: int) -> np.ndarray:
         """One batch through the model's modules, as ``SentenceTransformer.encode`` runs each of
         its batches, without what encode repeats on every call: ``eval()``, a walk over every
         parameter to find the device, sorting by length. That is about 1.2 ms of the 14 ms a
         one-text batch takes on the bundled model, for the same vectors."""
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        features = self.model.preprocess(texts, prompt=prompt)
         features = {k: v.to(self._device) if isinstance(v, self._torch.Tensor) else v for k, v in features.items()}
         vectors = self.model(features)["sentence_embedding"]
         truncate_dim = getattr(self.model, "truncate_dim", None)
         if truncate_dim:
             vectors = vectors[..., :truncate_dim]
-        return vectors.float().cpu().numpy().reshape(len(texts), self.dimension)
+        return vectors.float().cpu().numpy().reshape(rows, self.dimension)
 
     def count_tokens(self, texts: list[str], prompt: str | None) -> list[int]:
+        if not texts:
+            return []
         # The tokenizer the model's first module uses, without its truncation (a Rust call, no torch).
         encoded = self.model.tokenizer(
             [(prompt or "") + t for t in texts],

@@ -177,8 +177,7 @@ class Worker:
                 self.backend.set_threads(threads)  # type: ignore[union-attr]
                 self.threads = threads
             model = self.backend.get(header.get("model"))  # type: ignore[union-attr]
-            vectors = model.encode(texts, header.get("prompt"))
-            tokens = model.count_tokens(texts, header.get("prompt"))
+            vectors, tokens = model.encode_counted(texts, header.get("prompt"))
             return vectors_reply(batch_id, vectors, tokens=tokens)
         except ShmModelError as exc:
             return error_reply(batch_id, exc)

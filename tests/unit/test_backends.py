@@ -410,6 +410,31 @@ def test_tokens_are_counted_before_truncation_with_the_prompt(bundled: Any) -> N
     assert bundled.count_tokens(["hello world"], "query: ") == [6]
 
 
+def test_a_batch_is_tokenized_once_and_only_cut_texts_are_counted_again(
+    bundled: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = ["hello world", "word " * 400, "가나다라 마바사", "", "word " * 254]  # 256 tokens: full, not cut
+    for prompt in (None, "query: "):
+        expected_counts = bundled.count_tokens(texts, prompt)
+        expected = bundled.encode(texts, prompt)
+        recounted: list[list[str]] = []
+
+        def counting(t: list[str], p: str | None, real: Any = bundled.count_tokens, seen: Any = recounted) -> list[int]:
+            seen.append(t)
+            return real(t, p)
+
+        monkeypatch.setattr(bundled, "count_tokens", counting)
+        vectors, counts = bundled.encode_counted(texts, prompt)
+        monkeypatch.undo()
+        assert counts == expected_counts
+        assert np.allclose(vectors, expected, atol=1e-5)
+        assert recounted == [[t for t, n in zip(texts, counts, strict=True) if n >= bundled.max_seq_length]]
+    assert bundled.count_tokens([texts[4]], None) == [256] and bundled.max_seq_length == 256
+    assert bundled.encode_counted(["hello world"], None)[1] == [4]
+    empty, counts = bundled.encode_counted([], None)
+    assert empty.shape == (0, bundled.dimension) and counts == []
+
+
 def test_threads_are_set_in_torch(bundled: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
