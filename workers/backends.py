@@ -51,6 +51,7 @@ class Backend(abc.ABC):
 
     name = location = device = ""
     dtype = "float32"
+    linear_kernel = "torch"  # float32 Linear layers: "onednn" (packed weights) or "torch"
     dimension = max_seq_length = weight_bytes = 0
     #: Where a paused batch can stop during one encode (the model's layers): a query waits at
     #: most one of these steps for a running bulk batch's cores.
@@ -98,6 +99,7 @@ class Backend(abc.ABC):
             "weight_bytes": self.weight_bytes,
             "weights": dict(self.placement),
             "dtype": self.dtype,
+            "linear_kernel": self.linear_kernel,
             "pause_points": self.pause_points,
             "import_seconds": round(self.import_seconds, 3),
             "load_seconds": round(self.load_seconds, 3),
@@ -113,6 +115,8 @@ class SentenceTransformerBackend(Backend):
         started = time.perf_counter()
         import torch
         from sentence_transformers import SentenceTransformer
+
+        from workers.kernels import AUTO_MIN_BYTES, pack_linear_layers, resolve_linear_kernel
 
         self.import_seconds = time.perf_counter() - started
         started = time.perf_counter()
@@ -160,12 +164,20 @@ class SentenceTransformerBackend(Backend):
             if self.device != "cpu":
                 raise ConfigError(f"SHM_MODEL_DTYPE=int8 runs on the CPU only; this model is on {self.device}")
             quantized = quantize_int8(model)
-        self.weight_bytes = quantized + sum(t.numel() * t.element_size() for t in model.parameters())
+        packed = 0
+        if resolve_linear_kernel(host_cfg.linear_kernel, self.device) == "onednn":
+            least = AUTO_MIN_BYTES if host_cfg.linear_kernel == "auto" else 0
+            packed = pack_linear_layers(model, release=drop_file_pages, min_bytes=least)  # float32 ones int8 left
+        self.linear_kernel = "onednn" if packed else "torch"
+        self.weight_bytes = quantized + packed + sum(t.numel() * t.element_size() for t in model.parameters())
         if place and self.device == "cpu":
             started = time.perf_counter()
             self.placement = place_weights(model, host_cfg.weights)
-            if quantized:  # packed in this process's memory: forked workers share it copy-on-write
+            # int8 and packed weights live in this process's memory: forked workers share it copy-on-write
+            if quantized:
                 self.placement["int8"] = quantized
+            if packed:
+                self.placement["packed"] = packed
             self.place_seconds = time.perf_counter() - started
         self._torch = torch
         self._device = torch.device(self.device)
@@ -279,6 +291,13 @@ def quantize_int8(model: Any) -> int:
         drop_pages(address, nbytes)
     log.info("int8: %d Linear layers quantized (%d MB)", len(spec), size >> 20)
     return size
+
+
+def drop_file_pages(tensor: Any) -> None:
+    """Drop the pages of a tensor that lies in the checkpoint's file mapping (it is no longer used)."""
+    storage = tensor.untyped_storage()
+    for address, nbytes in file_mapped([(storage.data_ptr(), storage.nbytes())]):
+        drop_pages(address, nbytes)
 
 
 def transformer_layers(model: Any) -> list[Any]:

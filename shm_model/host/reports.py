@@ -21,7 +21,17 @@ from shm_model.memory import process_memory, sum_figures
 from shm_model.protocol import PRIORITIES
 from shm_model.scheduling import Scheduler
 
-MODEL_FIELDS = ("model", "model_path", "alias", "dimension", "max_seq_length", "device", "dtype", "prompts")
+MODEL_FIELDS = (
+    "model",
+    "model_path",
+    "alias",
+    "dimension",
+    "max_seq_length",
+    "device",
+    "dtype",
+    "linear_kernel",
+    "prompts",
+)
 
 
 def info(meta: dict[str, Any], generation: int) -> dict[str, Any]:

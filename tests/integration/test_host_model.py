@@ -114,6 +114,22 @@ def test_shm_placement_leaves_no_checkpoint_mapping(host_factory, placement: str
     assert ref.shape == (len(TEXTS), 384)
 
 
+def test_weights_packed_for_onednn_give_the_same_vectors_and_are_shared_by_the_workers(
+    host_factory, bundled_model
+) -> None:
+    """SHM_MODEL_LINEAR_KERNEL=onednn: the Linear layers' weights packed in the supervisor, read by
+    every forked worker from the same pages."""
+    host = host_factory(MODEL_NAME="bundled", SHM_MODEL_LINEAR_KERNEL="onednn")
+    texts = [t for t in TEXTS if t]
+    got = host.client().encode(texts)
+    assert np.abs(got - bundled_model.encode(texts)).max() < 1e-5
+    batch = [f"문장 {i}: 가나다라마바사 아자차카타파하" for i in range(64)] + texts
+    # A worker keeps oneDNN's kernels, up to about 27 MB (workers.kernels); a private copy of the
+    # packed weights would add their 41 MB on top.
+    status = assert_workers_share_the_weights(host, batch, rounds=3, allowance=28 << 20)
+    assert status["models"][0]["linear_kernel"] == "onednn" and status["weights"]["packed"] > 40 * 2**20
+
+
 def test_int8_weights_are_close_to_float32_and_shared_by_the_workers(host_factory, bundled_model) -> None:
     """SHM_MODEL_DTYPE=int8: the Linear layers quantized in the supervisor (the feed-forward output
     layers kept float32) and shared with the forked workers; vectors close to float32."""

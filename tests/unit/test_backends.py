@@ -282,6 +282,7 @@ def test_a_backend_describes_itself() -> None:
         "max_seq_length": 64,
         "device": "cpu",
         "dtype": "float32",
+        "linear_kernel": "torch",
         "pause_points": 1,
         "prompts": {"query": "q: "},
         "weight_bytes": 100,
@@ -433,6 +434,24 @@ def test_a_batch_is_tokenized_once_and_only_cut_texts_are_counted_again(
     assert bundled.encode_counted(["hello world"], None)[1] == [4]
     empty, counts = bundled.encode_counted([], None)
     assert empty.shape == (0, bundled.dimension) and counts == []
+
+
+def test_packed_linear_layers_give_torchs_vectors(bundled: Any) -> None:
+    packed = backends.SentenceTransformerBackend(
+        ModelConfig.load({"MODEL_NAME": "bundled", "MODEL_DEVICE": "cpu"}),
+        HostConfig.load({"SHM_MODEL_LINEAR_KERNEL": "onednn"}),
+        place=True,
+    )
+    assert (packed.linear_kernel, bundled.linear_kernel) == ("onednn", "torch")  # auto: too small to pack
+    assert packed.describe()["linear_kernel"] == "onednn" and packed.weight_bytes == bundled.weight_bytes
+    placed = packed.placement
+    assert placed["anon"] == 0 and placed["shm"] < 1 << 16  # the checkpoint's mapping and small buffers
+    assert placed["packed"] > 0.4 * packed.weight_bytes  # the encoder's Linear layers; the rest is embeddings
+    assert placed["file"] + placed["packed"] > 0.99 * packed.weight_bytes
+    texts = ["hello world", "서울특별시의 인구는 약 940만 명이다.", "word " * 300] + [f"문장 {i}" for i in range(20)]
+    for threads in (1, 2):
+        packed.set_threads(threads)
+        assert np.allclose(packed.encode(texts, "query: "), bundled.encode(texts, "query: "), atol=1e-5)
 
 
 def test_threads_are_set_in_torch(bundled: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -321,6 +321,7 @@ def test_info_names_the_model_and_this_process() -> None:
                 "max_seq_length": 64,
                 "device": "cpu",
                 "dtype": None,
+                "linear_kernel": None,
                 "prompts": None,
             }
         ],
@@ -345,6 +346,7 @@ def test_info_lists_every_served_model_the_first_being_the_default() -> None:
         "max_seq_length": None,
         "device": "cpu",
         "dtype": None,
+        "linear_kernel": None,
         "prompts": None,
     }
     assert out["models"][0]["dtype"] == "float32" and "x" not in out["models"][0]

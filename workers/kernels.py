@@ -1,0 +1,160 @@
+"""float32 Linear layers on oneDNN with weights packed once (CPU).
+
+torch runs an ``nn.Linear`` through MKL's sgemm on the plain weight at every call. oneDNN, given
+the weight once in its own blocked layout (what IPEX and Inductor's CPU fusions do), ran faster
+on an AMD EPYC with AVX2 for a large model. One forward pass in process, rows cut and padded as
+``PackedLinear`` does, same vectors (largest difference 2e-7, cosine 1.0):
+
+=====================  =======  ===============  ===============
+model                  threads  one text         32 texts
+=====================  =======  ===============  ===============
+KURE-shaped            1        846 -> 707 ms    20.8 -> 20.2 s
+KURE-shaped            2        636 -> 417 ms    13.4 -> 11.5 s
+bundled (MiniLM-L6)    1        38.9 -> 40.7 ms  1000 -> 964 ms
+bundled (MiniLM-L6)    2        34.4 -> 31.7 ms  556 -> 566 ms
+=====================  =======  ===============  ===============
+
+So ``auto`` packs only a model with ``AUTO_MIN_BYTES`` or more of float32 Linear weights. The
+supervisor packs them before it forks, so every worker reads the same packed copy (anonymous
+memory shared copy-on-write; nothing writes to it). The float32 pages each packed weight was
+read from are dropped from the checkpoint's file mapping as it goes, so the weights stay about
+one copy in memory. Spawned workers pack their own copy, as they load their own model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from shm_model.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def onednn_available() -> bool:
+    ops = torch.ops.mkldnn
+    return bool(
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+
+
+def resolve_linear_kernel(requested: str, device: str) -> str:
+    """The kernel float32 Linear layers run on: ``onednn`` or ``torch``."""
+    if requested == "torch":
+        return "torch"
+    if device != "cpu":
+        if requested == "onednn":
+            raise ConfigError(f"SHM_MODEL_LINEAR_KERNEL=onednn runs on the CPU only; this model is on {device}")
+        return "torch"
+    if onednn_available():
+        return "onednn"
+    if requested == "onednn":
+        raise ConfigError("SHM_MODEL_LINEAR_KERNEL=onednn: this torch build has no oneDNN (mkldnn) linear kernel")
+    return "torch"
+
+
+#: oneDNN keeps a compiled kernel of about 0.56 MB (measured) for each row count a layer shape
+#: meets, so the rows of a call are cut into chunks of at most ROW_CHUNK, each padded to a
+#: multiple of ROW_STEP: 16 row counts per layer shape, about 27 MB for a BERT-like encoder's three
+#: shapes, however many lengths and batch sizes come. 256 rows run as fast per row as 512
+#: (1024x4096, one thread: 0.128 and 0.132 ms a row).
+ROW_STEP = 16
+ROW_CHUNK = 256
+#: ``auto`` packs a model whose float32 Linear weights are at least this large: there the kernels
+#: kept (above) are a few percent of them, and one text gains the most (the KURE-shaped model).
+AUTO_MIN_BYTES = 512 << 20
+
+
+def _linear_pointwise(*args: Any) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(*args)
+
+
+class PackedLinear(torch.nn.Module):
+    """An ``nn.Linear`` whose weight is held in oneDNN's packed layout (inference only)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # The packed weight is an opaque oneDNN tensor, a plain attribute that placement leaves
+        # alone; the bias stays a parameter, placed (and counted) like the model's others.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        parts = [self._rows(rows[start : start + ROW_CHUNK]) for start in range(0, rows.shape[0], ROW_CHUNK)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else rows.new_empty(0, self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """At most ROW_CHUNK rows, padded with zeros to a multiple of ROW_STEP."""
+        count = rows.shape[0]
+        padded = -(-count // ROW_STEP) * ROW_STEP
+        if padded != count:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, padded - count))
+        out = _linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return out[:count] if padded != count else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linear_layers(
+    model: torch.nn.Module, release: Callable[[torch.Tensor], None] = lambda w: None, *, min_bytes: int = 0
+) -> int:
+    """Replace every float32 ``nn.Linear`` of ``model`` by a ``PackedLinear``; returns the bytes of
+    the weights packed, as float32 (the biases stay parameters). ``release(weight)`` runs on each
+    replaced weight (to drop its pages). Nothing is packed when the weights are under
+    ``min_bytes``, or when the first layer's result differs from torch's."""
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
+    ]
+    total = sum(linear.weight.numel() * linear.weight.element_size() for _, _, linear in targets)
+    if total < min_bytes:
+        log.info(
+            "float32 Linear layers stay on torch's kernel: %d MB of weights, under the %d MB that "
+            "SHM_MODEL_LINEAR_KERNEL=auto packs (onednn packs any)",
+            total >> 20,
+            min_bytes >> 20,
+        )
+        return 0
+    if not targets or not _agrees(targets[0][2]):
+        return 0
+    size = 0
+    for parent, name, linear in targets:
+        setattr(parent, name, PackedLinear(linear))
+        size += linear.weight.numel() * linear.weight.element_size()
+        release(linear.weight)
+    log.info("float32 Linear layers on oneDNN: %d packed (%d MB)", len(targets), size >> 20)
+    return size
+
+
+def _agrees(linear: torch.nn.Linear) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, linear.in_features, generator=generator)
+    with torch.inference_mode():
+        expected = linear(x)
+        try:
+            got = PackedLinear(linear)(x)
+        except RuntimeError as exc:
+            log.warning("oneDNN's packed Linear failed (%s); float32 Linear layers stay on torch's kernel", exc)
+            return False
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        log.warning("oneDNN's packed Linear does not match torch's here; float32 Linear layers stay on torch's kernel")
+        return False
+    return True
+
+
+def describe_kernel(model: Any) -> str:
+    """``onednn`` when the model has packed Linear layers, else ``torch``."""
+    return "onednn" if any(isinstance(m, PackedLinear) for m in model.modules()) else "torch"
