@@ -164,15 +164,21 @@ class SentenceTransformerBackend(Backend):
             if self.device != "cpu":
                 raise ConfigError(f"SHM_MODEL_DTYPE=int8 runs on the CPU only; this model is on {self.device}")
             quantized = quantize_int8(model)
+        placing = place and self.device == "cpu"
+        started = time.perf_counter()
+        if placing:
+            # Placed before packing: the packed copies and a large tensor's two copies while it
+            # moves to shared memory would otherwise be resident at once (KURE-shaped, shm: peak
+            # RSS 3.6 GB against 2.6 GB). A packed layer's original is freed as it is replaced.
+            place_weights(model, host_cfg.weights)
         packed = 0
         if resolve_linear_kernel(host_cfg.linear_kernel, self.device) == "onednn":
             least = AUTO_MIN_BYTES if host_cfg.linear_kernel == "auto" else 0
             packed = pack_linear_layers(model, release=drop_file_pages, min_bytes=least)  # float32 ones int8 left
         self.linear_kernel = "onednn" if packed else "torch"
         self.weight_bytes = quantized + packed + sum(t.numel() * t.element_size() for t in model.parameters())
-        if place and self.device == "cpu":
-            started = time.perf_counter()
-            self.placement = place_weights(model, host_cfg.weights)
+        if placing:
+            self.placement = place_weights(model, host_cfg.weights)  # counts where the rest lies; moves nothing
             # int8 and packed weights live in this process's memory: forked workers share it copy-on-write
             if quantized:
                 self.placement["int8"] = quantized

@@ -113,13 +113,15 @@ def pack_linear_layers(
     the weights packed, as float32 (the biases stay parameters). ``release(weight)`` runs on each
     replaced weight (to drop its pages). Nothing is packed when the weights are under
     ``min_bytes``, or when the first layer's result differs from torch's."""
+    # (parent, name) only: an original layer is freed as soon as it is replaced (a checkpoint
+    # loaded into private memory would otherwise be held twice until the last layer is packed).
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
     ]
-    total = sum(linear.weight.numel() * linear.weight.element_size() for _, _, linear in targets)
+    total = sum(_weight_bytes(getattr(parent, name)) for parent, name in targets)
     if total < min_bytes:
         log.info(
             "float32 Linear layers stay on torch's kernel: %d MB of weights, under the %d MB that "
@@ -128,15 +130,19 @@ def pack_linear_layers(
             min_bytes >> 20,
         )
         return 0
-    if not targets or not _agrees(targets[0][2]):
+    if not targets or not _agrees(getattr(*targets[0])):
         return 0
-    size = 0
-    for parent, name, linear in targets:
+    for parent, name in targets:
+        linear = getattr(parent, name)
         setattr(parent, name, PackedLinear(linear))
-        size += linear.weight.numel() * linear.weight.element_size()
         release(linear.weight)
-    log.info("float32 Linear layers on oneDNN: %d packed (%d MB)", len(targets), size >> 20)
-    return size
+        del linear
+    log.info("float32 Linear layers on oneDNN: %d packed (%d MB)", len(targets), total >> 20)
+    return total
+
+
+def _weight_bytes(linear: torch.nn.Linear) -> int:
+    return linear.weight.numel() * linear.weight.element_size()
 
 
 def _agrees(linear: torch.nn.Linear) -> bool:

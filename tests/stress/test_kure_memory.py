@@ -23,9 +23,11 @@ def test_kure_shaped_workers_share_the_weights(host_factory, placement: str) -> 
 
     host = host_factory(MODEL_NAME=str(build()), SHM_MODEL_WEIGHTS=placement)
     batch = [f"{i}번째 문장: 서울특별시의 2023년 인구는 약 940만 명이다." for i in range(16)]
-    status = assert_workers_share_the_weights(host, batch)
+    status = assert_workers_share_the_weights(host, batch, rounds=3)
     weight_bytes = status["weight_bytes"]
     assert weight_bytes > 2 * 10**9
+    # large enough for SHM_MODEL_LINEAR_KERNEL=auto to pack its Linear layers for oneDNN
+    assert status["models"][0]["linear_kernel"] == "onednn" and status["weights"]["packed"] > 10**9
     peak = vm_hwm(status["pid"])
     print(
         f"\n{placement}: weights {weight_bytes / 2**20:.0f} MB, supervisor peak RSS {peak / 2**20:.0f} MB, "
