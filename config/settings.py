@@ -304,7 +304,7 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         "kernel of the float32 Linear layers on the CPU: onednn packs their weights once for oneDNN "
         "in the supervisor, shared by the forked workers (one text on the KURE-shaped model: "
-        "1.3-1.9x faster than torch's own on an AVX2 CPU, same vectors; each worker keeps about "
+        "1.2-1.5x faster than torch's own on an AVX2 CPU, same vectors; each worker keeps about "
         "27 MB of oneDNN kernels); torch keeps torch's; auto is onednn for a model with 512 MB or "
         "more of such weights, where torch has oneDNN",
         choice(*LINEAR_KERNELS),

@@ -159,8 +159,3 @@ def _agrees(linear: torch.nn.Linear) -> bool:
         log.warning("oneDNN's packed Linear does not match torch's here; float32 Linear layers stay on torch's kernel")
         return False
     return True
-
-
-def describe_kernel(model: Any) -> str:
-    """``onednn`` when the model has packed Linear layers, else ``torch``."""
-    return "onednn" if any(isinstance(m, PackedLinear) for m in model.modules()) else "torch"
