@@ -449,9 +449,13 @@ def test_packed_linear_layers_give_torchs_vectors(bundled: Any) -> None:
     assert placed["packed"] > 0.4 * packed.weight_bytes  # the encoder's Linear layers; the rest is embeddings
     assert placed["file"] + placed["packed"] > 0.99 * packed.weight_bytes
     texts = ["hello world", "서울특별시의 인구는 약 940만 명이다.", "word " * 300] + [f"문장 {i}" for i in range(20)]
-    for threads in (1, 2):
-        packed.set_threads(threads)
-        assert np.allclose(packed.encode(texts, "query: "), bundled.encode(texts, "query: "), atol=1e-5)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            packed.set_threads(threads)
+            assert np.allclose(packed.encode(texts, "query: "), bundled.encode(texts, "query: "), atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_threads_are_set_in_torch(bundled: Any, monkeypatch: pytest.MonkeyPatch) -> None:
