@@ -14,11 +14,12 @@ bundled (MiniLM-L6)    1        38.9 -> 40.7 ms  1000 -> 964 ms
 bundled (MiniLM-L6)    2        34.4 -> 31.7 ms  556 -> 566 ms
 =====================  =======  ===============  ===============
 
-So ``auto`` packs only a model with ``AUTO_MIN_BYTES`` or more of float32 Linear weights. The
-supervisor packs them before it forks, so every worker reads the same packed copy (anonymous
-memory shared copy-on-write; nothing writes to it). The float32 pages each packed weight was
-read from are dropped from the checkpoint's file mapping as it goes, so the weights stay about
-one copy in memory. Spawned workers pack their own copy, as they load their own model.
+So ``auto`` packs only a model with ``AUTO_MIN_BYTES`` or more of Linear weights at float32 (layers
+quantized to int8 counted at their float32 size; the layers such a model keeps in float32 are
+packed). The supervisor packs them before it forks, so every worker reads the same packed copy
+(anonymous memory shared copy-on-write; nothing writes to it). The float32 pages each packed
+weight was read from are dropped from the checkpoint's file mapping as it goes, so the weights
+stay about one copy in memory. Spawned workers pack their own copy, as they load their own model.
 """
 
 from __future__ import annotations

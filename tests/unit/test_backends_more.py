@@ -19,7 +19,7 @@ import torch
 from config.model_config import HostConfig, ModelConfig
 from shm_model.errors import ConfigError, ModelLoadError, ModelNotFound
 from tests.unit.test_backends import Minimal
-from workers import backends
+from workers import backends, kernels
 from workers.backends import DummyBackend, is_device_oom, quantize_int8, transformer_layers
 from workers.model_source import ModelSource
 from workers.models import ModelSet
@@ -216,6 +216,24 @@ def test_int8_quantizes_the_widening_layers_and_counts_them_as_weights(monkeypat
     assert b.weight_bytes == quantized + (16 * 8 + 8) * 4
     assert b.placement["int8"] == quantized
     assert b.describe()["dtype"] == "int8"
+
+
+@pytest.mark.parametrize(("least", "kernel"), [(1024, "onednn"), (1025, "torch")])
+def test_auto_packs_by_the_models_float32_size_with_its_int8_layers_counted(
+    monkeypatch: pytest.MonkeyPatch, least: int, kernel: str
+) -> None:
+    """The fake model's Linear weights: 128 quantized to int8 (512 bytes in float32) and 512 bytes
+    left in float32. ``auto`` counts both against ``AUTO_MIN_BYTES``; ``torch`` never packs."""
+    fake_load(monkeypatch)
+    monkeypatch.setattr(kernels, "AUTO_MIN_BYTES", least)
+    b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_DTYPE": "int8"}))
+    assert b.linear_kernel == kernel
+    assert isinstance(b.model.layers[1], kernels.PackedLinear) == (kernel == "onednn")
+    assert b.placement.get("packed", 0) == (16 * 8 * 4 if kernel == "onednn" else 0)
+    assert isinstance(b.model.layers[0], torch.ao.nn.quantized.dynamic.Linear)
+    monkeypatch.setattr(kernels, "AUTO_MIN_BYTES", 0)
+    b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_DTYPE": "int8", "SHM_MODEL_LINEAR_KERNEL": "torch"}))
+    assert b.linear_kernel == "torch" and type(b.model.layers[1]) is torch.nn.Linear
 
 
 def test_int8_without_placement_and_float32_report_no_int8_weights(monkeypatch: pytest.MonkeyPatch) -> None:
