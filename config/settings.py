@@ -306,7 +306,7 @@ SETTINGS: tuple[Setting, ...] = (
         "in the supervisor, shared by the forked workers (one text on the KURE-shaped model: "
         "1.2-1.5x faster than torch's own on an AVX2 CPU, same vectors; each worker keeps about "
         "27 MB of oneDNN kernels); torch keeps torch's; auto is onednn for a model with 512 MB or "
-        "more of Linear weights at float32 (int8 ones counted so), where torch has oneDNN",
+        "more of Linear weights at float32 (int8 layers counted at their float32 size), where torch has oneDNN",
         choice(*LINEAR_KERNELS),
         "host",
     ),
