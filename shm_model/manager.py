@@ -295,7 +295,7 @@ class ModelManager:
             )
         truncate = kwargs.pop("truncate", True)
         return_usage = kwargs.pop("return_usage", False)
-        sentences = args[0] if args else kwargs.pop("sentences")
+        (sentences,) = args  # ``encode`` passes them positionally
         truncate_dim = kwargs.get("truncate_dim")
         if truncate_dim is not None and not 1 <= truncate_dim <= backend.dimension:
             raise BadRequest(
