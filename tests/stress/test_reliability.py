@@ -211,7 +211,7 @@ def fds(pid: int) -> int:
 
 @pytest.mark.parametrize(
     ("backend", "requests"),
-    [("dummy", 20_000), ("bundled", 2_000), pytest.param("bundled", 20_000, marks=pytest.mark.slow)],
+    [("dummy", 20_000), ("bundled", 1_000), pytest.param("bundled", 20_000, marks=pytest.mark.slow)],
 )
 def test_soak_leaks_no_memory_descriptors_or_segments(host_factory, backend: str, requests: int) -> None:
     shm_before = set(os.listdir("/dev/shm"))
