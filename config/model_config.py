@@ -94,6 +94,7 @@ class HostConfig:
     max_batch_tokens: int = 16384
     bulk_batch_ms: int = 250
     query_batch_ms: int = 250
+    worker_spin_ms: int = 3
     bulk_share: float = 0.2
     pause_bulk: bool = True
     outside_load: bool = True

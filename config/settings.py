@@ -263,6 +263,17 @@ SETTINGS: tuple[Setting, ...] = (
         "host",
     ),
     _s(
+        "SHM_MODEL_WORKER_SPIN_MS",
+        "worker_spin_ms",
+        "3",
+        "how long a worker that has answered a batch keeps polling for its next one before it "
+        "sleeps, in milliseconds, giving way to any other runnable thread: the next request of a "
+        "client that waits on each answer then starts without waking the worker, and the core "
+        "stays awake for the answer's way back; 0: sleep at once",
+        integer(0, 1000),
+        "host",
+    ),
+    _s(
         "SHM_MODEL_BULK_SHARE",
         "bulk_share",
         "0.2",

@@ -165,10 +165,11 @@ class PoolEvents(Protocol):
 class ProcessSpawner:
     """Workers as forked children (sharing the loaded model) or fresh interpreters."""
 
-    def __init__(self, *, start_method: str, threads: int, max_frame_bytes: int) -> None:
+    def __init__(self, *, start_method: str, threads: int, max_frame_bytes: int, spin_seconds: float = 0.0) -> None:
         self.start_method = start_method
         self.threads = threads
         self.max_frame_bytes = max_frame_bytes
+        self.spin_seconds = spin_seconds
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
 
     async def start(self, generation: int, backend: Any) -> Started:
@@ -186,6 +187,7 @@ class ProcessSpawner:
                 max_frame_bytes=self.max_frame_bytes,
                 forked=True,
                 pause=pause,
+                spin_seconds=self.spin_seconds,
             )
             pid = os.fork()
             if pid == 0:  # child

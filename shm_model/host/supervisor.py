@@ -198,7 +198,10 @@ class Supervisor:
         self._threads = self.cfg.threads_for(workers, self._cores)
         self.pool.size = workers
         self.pool.spawner = ProcessSpawner(
-            start_method=self._start_method, threads=self._threads, max_frame_bytes=self.cfg.max_frame_bytes
+            start_method=self._start_method,
+            threads=self._threads,
+            max_frame_bytes=self.cfg.max_frame_bytes,
+            spin_seconds=self.cfg.worker_spin_ms / 1000.0,
         )
         self.dispatcher.configure(
             workers=workers,

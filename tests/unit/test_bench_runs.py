@@ -132,3 +132,23 @@ def test_every_plan_measures_one_model_per_process_only_at_host_levels() -> None
     # host does not run would silently have no figures.
     for plan in bench.PLANS.values():
         assert set(plan.naive_levels) <= set(plan.levels), plan.mode
+
+
+def test_paired_blocks_report_medians_of_the_ratios_within_each_block() -> None:
+    from benchmarks import paired
+
+    # The machine doubles its speed after two blocks: ratios within a block stay put.
+    blocks = [
+        {"a": 10.0, "b": 11.0, "naive": 10.0},
+        {"a": 10.0, "b": 9.0, "naive": 12.5},
+        {"a": 20.0, "b": 22.0, "naive": 20.0},
+        {"a": 20.0, "b": 21.0, "naive": 25.0},
+    ]
+    s = paired.summarize(blocks)
+    assert s["blocks"] == 4 and s["b_ahead_in"] == 3
+    assert s["b_vs_a"] == pytest.approx((1.05 + 1.1) / 2)
+    assert s["a_vs_naive"] == pytest.approx(0.9) and s["b_vs_naive"] == pytest.approx((0.84 + 1.1) / 2)
+    assert s["naive_rps"] == pytest.approx(16.25)
+    assert paired._settings(["SHM_MODEL_WORKER_SPIN_MS=0", "X=a=b"]) == {"SHM_MODEL_WORKER_SPIN_MS": "0", "X": "a=b"}
+    with pytest.raises(SystemExit, match="'oops' is not NAME=VALUE"):
+        paired._settings(["oops"])

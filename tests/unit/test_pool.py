@@ -541,7 +541,7 @@ def test_a_forked_worker_shares_its_pause_flag_with_the_supervisor(monkeypatch: 
     monkeypatch.setattr(pool_module.os, "fork", lambda: 4321)  # the parent's side of the fork
 
     async def body() -> None:
-        spawner = ProcessSpawner(start_method="fork", threads=3, max_frame_bytes=1000)
+        spawner = ProcessSpawner(start_method="fork", threads=3, max_frame_bytes=1000, spin_seconds=0.003)
         started = await spawner.start(2, "model")
         assert started.pid == 4321 and spawner._popen == {}
         assert started.pause is not None and len(started.pause) == 1 and started.pause[0] == 0
@@ -555,6 +555,7 @@ def test_a_forked_worker_shares_its_pause_flag_with_the_supervisor(monkeypatch: 
             "max_frame_bytes": 1000,
             "forked": True,
             "pause": started.pause,
+            "spin_seconds": 0.003,
         }
         started.writer.close()
 

@@ -198,6 +198,7 @@ def test_configure_fixed_threads_and_warns_of_more_threads_than_cores(
     assert sup.pool.size == 2
     spawner = sup.pool.spawner
     assert (spawner.start_method, spawner.threads, spawner.max_frame_bytes) == ("fork", 3, 1 << 20)  # type: ignore[attr-defined]
+    assert spawner.spin_seconds == 0.003  # type: ignore[attr-defined]  # SHM_MODEL_WORKER_SPIN_MS's default
     assert (sup.dispatcher.threads, sup.dispatcher.dynamic_threads) == (3, False)
     assert sup.watch.policy.full.workers == 2
     assert messages(caplog, logging.WARNING) == ["2 workers x 3 threads > 5 cores; expect contention"]

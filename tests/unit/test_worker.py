@@ -6,6 +6,7 @@ import faulthandler
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import threading
@@ -165,6 +166,58 @@ def test_run_says_ready_serves_batches_and_ends_when_the_channel_closes(monkeypa
     assert trims_seen == [0, 1] and trims == [1]
 
 
+def test_poll_briefly_returns_when_a_frame_comes_or_at_its_deadline_yielding_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yields: list[int] = []
+    monkeypatch.setattr(worker_module.os, "sched_yield", lambda: yields.append(1))
+    supervisor, channel = socket.socketpair()
+    with supervisor, channel:
+        poller = select.poll()
+        poller.register(channel, select.POLLIN)
+        started = time.perf_counter()
+        assert not worker_module.poll_briefly(poller, 0.05)
+        assert 0.05 <= time.perf_counter() - started < 5 and yields  # it polled, giving way between polls
+        threading.Timer(0.02, lambda: supervisor.sendall(b"x")).start()
+        started = time.perf_counter()
+        assert worker_module.poll_briefly(poller, 30)
+        assert time.perf_counter() - started < 15  # at once, not at the deadline
+        yields.clear()
+        assert worker_module.poll_briefly(poller, 0)  # already readable: no wait at all
+        assert not yields
+
+
+@pytest.mark.parametrize("spin_ms", [0, 4])
+def test_after_each_answer_a_worker_polls_for_its_next_batch_for_its_spin_time(
+    monkeypatch: pytest.MonkeyPatch, spin_ms: int
+) -> None:
+    polls: list[float] = []
+    real = worker_module.poll_briefly
+    monkeypatch.setattr(worker_module, "poll_briefly", lambda poller, s: polls.append(s) or real(poller, s))
+    supervisor, channel = socket.socketpair()
+    backend = Recorder()
+    w = Worker(
+        -1, ModelSet([("dummy", backend)]), threads=1, generation=1, parent_pid=os.getppid(), max_frame_bytes=1000,
+        forked=False, spin_seconds=spin_ms / 1000,
+    )  # fmt: skip
+    w.channel = channel
+
+    def supervise() -> None:
+        with supervisor:
+            recv_frame(supervisor, 1 << 20)  # ready
+            for i in range(2):
+                supervisor.sendall(pack({"op": "encode", "id": i, "texts": ["a"]}))
+                recv_frame(supervisor, 1 << 20)
+            supervisor.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=supervise)
+    thread.start()
+    assert w.run() == 0
+    thread.join(10)
+    channel.close()
+    assert polls == [spin_ms / 1000] * 2 if spin_ms else polls == []
+
+
 def test_run_needs_both_a_model_and_a_channel_and_touches_neither_without_them() -> None:
     backend = Recorder()
     unset = make_worker(backend)  # init_process never ran: no channel
@@ -260,6 +313,9 @@ def test_a_spawned_worker_loads_its_backend_and_serves(
     caplog.set_level(logging.INFO, "workers.worker")
     monkeypatch.setenv("SHM_MODEL_BACKEND", "dummy")
     monkeypatch.setenv("SHM_MODEL_LOG_LEVEL", "warning")
+    monkeypatch.setenv("SHM_MODEL_WORKER_SPIN_MS", "9")
+    polls: list[float] = []
+    monkeypatch.setattr(worker_module, "poll_briefly", lambda poller, seconds: polls.append(seconds))
     supervisor, channel = socket.socketpair()
     fd = os.dup(channel.fileno())
     channel.close()
@@ -283,6 +339,7 @@ def test_a_spawned_worker_loads_its_backend_and_serves(
     assert [m for m in caplog.messages if m.startswith("ready")] == [ready]
     assert frames[0].header["op"] == "ready" and frames[0].header["backend"]["model"] == "dummy"
     assert vectors_from_frame(frames[1]).shape == (1, 32)
+    assert polls == [0.009]  # SHM_MODEL_WORKER_SPIN_MS, read by the spawned worker itself
 
 
 def test_a_spawned_worker_that_cannot_load_the_model_exits_with_the_boot_error(
