@@ -149,6 +149,8 @@ def test_paired_blocks_report_medians_of_the_ratios_within_each_block() -> None:
     assert s["b_vs_a"] == pytest.approx((1.05 + 1.1) / 2)
     assert s["a_vs_naive"] == pytest.approx(0.9) and s["b_vs_naive"] == pytest.approx((0.84 + 1.1) / 2)
     assert s["naive_rps"] == pytest.approx(16.25)
+    alone = paired.summarize([{"a": x["a"], "b": x["b"]} for x in blocks])  # --no-naive
+    assert alone == {"blocks": 4, "b_vs_a": s["b_vs_a"], "b_ahead_in": 3}
     assert paired._settings(["SHM_MODEL_WORKER_SPIN_MS=0", "X=a=b"]) == {"SHM_MODEL_WORKER_SPIN_MS": "0", "X": "a=b"}
     with pytest.raises(SystemExit, match="'oops' is not NAME=VALUE"):
         paired._settings(["oops"])
