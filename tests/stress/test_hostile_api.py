@@ -126,9 +126,12 @@ def attack(server: ApiUrl, name: str) -> Iterator[dict[str, float]]:
     figures["health_requests"] = live.count
     FIGURES[name] = figures
     assert not live.failures, (name, live.failures[:3])
-    # Liveness stays fast throughout: p99 under the bound; a single probe that the 2-core machine's
-    # scheduler delayed may be slower, but never as slow as a blocked event loop (seconds).
-    assert figures["health_p99_ms"] / 1000 < HEALTH_BOUND, (name, figures)
+    # Liveness stays fast throughout: 99% of the probes under the bound, and a short attack (a
+    # few probes, where p99 is the slowest) may have one over it, which the 2-core machine's
+    # scheduler delayed; none as slow as a blocked event loop (seconds).
+    slow = sum(t >= HEALTH_BOUND for t in live.latencies)
+    figures["health_over_bound"] = slow
+    assert slow <= max(1, len(live.latencies) // 100), (name, figures)
     assert live.worst < 10 * HEALTH_BOUND, (name, figures)
     assert figures["peak_rss_growth_mb"] * MB < RSS_BOUND, (name, figures)
 
