@@ -267,7 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
         "worker_spin_ms",
         "3",
         "how long a worker that has answered a batch keeps polling for its next one before it "
-        "sleeps, in milliseconds, giving way to any other runnable thread: the next request of a "
+        "sleeps, in milliseconds, yielding its core between polls to any thread waiting for it: the next request of a "
         "client that waits on each answer then starts without waking the worker, and the core "
         "stays awake for the answer's way back; 0: sleep at once",
         integer(0, 1000),

@@ -68,12 +68,12 @@ def _readable(sock: socket.socket, seconds: float) -> bool:
 
 def poll_briefly(poller: select.poll, seconds: float) -> bool:
     """Whether the polled channel becomes readable within ``seconds``, polling without sleeping
-    and yielding the core to any other runnable thread between polls.
+    and yielding the core between polls to any thread waiting for it.
 
     A worker does this after each answer: a client that waits on each answer sends its next
     request a millisecond or two later, which then needs no wake-up of this process, and the
-    core does not go idle in between (on a virtual machine, waking an idle virtual CPU is what
-    makes each hop between processes cost a fraction of a millisecond)."""
+    core does not go idle in between (on a virtual machine, an idle virtual CPU is slow to wake,
+    and each hop between processes on the way back pays for it)."""
     deadline = time.perf_counter() + seconds
     while True:
         if poller.poll(0):
