@@ -35,5 +35,5 @@ fi
 # extras on 2 cores); it keeps the torch installed above, which every requirement's range admits.
 # Unlike pip, uv leaves the modules uncompiled, and where PYTHONDONTWRITEBYTECODE is set every
 # process then compiles what it imports: importing sentence-transformers took 18.3 s against
-# 12.4-13.4 s compiled, in each host, worker and test process. Compiling at install costs about 45 s.
+# 12.4-13.4 s compiled, in every host, spawned worker and test process. Compiling costs about 45 s.
 .venv/bin/python -m uv pip install -q --compile-bytecode --python .venv/bin/python -e ".[${extras}]"
