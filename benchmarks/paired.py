@@ -66,7 +66,7 @@ def measure(
             procs = stack.enter_context(run._consumers(model, clients, max(1, run._cores() // clients), seconds))
 
         def rate(tally: run.Tally) -> float:
-            return len(tally.latencies) / tally.elapsed
+            return tally.row(clients)["throughput_rps"]
 
         def hosted(client: HostClient) -> float:
             run._wait_until_others_idle(client)

@@ -58,12 +58,12 @@ _release_free_memory = _malloc_trim()
 TRIM_AFTER_IDLE_SECONDS = 0.05
 
 
-def _readable(sock: socket.socket, seconds: float) -> bool:
-    """Whether ``sock`` has something to read (a frame, or the end) within ``seconds``. poll,
-    not select: a forked worker's channel may have a descriptor number above select's 1024."""
+def _channel_poller(sock: socket.socket) -> select.poll:
+    """A poller that tells when ``sock`` has something to read (a frame, or the end). poll, not
+    select: a forked worker's channel may have a descriptor number above select's 1024."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return bool(poller.poll(seconds * 1000.0))
+    return poller
 
 
 def poll_briefly(poller: select.poll, seconds: float) -> bool:
@@ -169,14 +169,13 @@ class Worker:
         self.channel.sendall(pack({"op": "ready", "pid": os.getpid(), "backend": self.backend.describe()}))
         log.info("ready (%d torch threads)", self.threads)
         trimmed = True
-        poller = select.poll()
-        poller.register(self.channel, select.POLLIN)
+        poller = _channel_poller(self.channel)
         while True:
             # Give the batches' freed activations back to the OS once the worker is idle (about
             # 2 ms after a 32 x 256-token batch). Not after every batch: the next batch would
             # fault the same pages in again, which cost a batch of one short text on the bundled
             # model about 0.5-0.8 ms of its 17 ms.
-            if not trimmed and not _readable(self.channel, TRIM_AFTER_IDLE_SECONDS):
+            if not trimmed and not poller.poll(TRIM_AFTER_IDLE_SECONDS * 1000.0):
                 _release_free_memory()
                 trimmed = True
             try:

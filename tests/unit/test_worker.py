@@ -608,7 +608,7 @@ def test_a_forked_worker_drops_the_parent_s_descriptors_and_signal_handlers(
     assert json.loads(data) == {"open": [10], "wakeup": -1, "handlers": [True] * 4, "sigint": True}
 
 
-def test_readable_tells_a_waiting_frame_even_on_a_descriptor_above_1024() -> None:
+def test_the_channel_poller_tells_a_waiting_frame_even_on_a_descriptor_above_1024() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 1100:
         pytest.skip(f"the descriptor limit ({hard}) leaves no room above 1024")
@@ -618,8 +618,9 @@ def test_readable_tells_a_waiting_frame_even_on_a_descriptor_above_1024() -> Non
     try:
         high = socket.socket(fileno=os.dup2(b.fileno(), 1100))
         with a, b, high:
-            assert not worker_module._readable(high, 0.0)
+            poller = worker_module._channel_poller(high)
+            assert not poller.poll(0)
             a.sendall(b"x")
-            assert worker_module._readable(high, 5.0)
+            assert poller.poll(5000)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
