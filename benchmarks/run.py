@@ -156,15 +156,44 @@ def bench_startup(plan: Plan, model: str) -> dict[str, Any]:
 # --- overhead: in-process vs host at fixed batch sizes ----------------------------------
 
 
-def _per_call(fn: Any, seconds: float) -> float:
-    fn()  # warm up
+#: In-process and host calls take turns in this many rounds at each batch size, so that the
+#: machine's drift falls on both alike; the ratio is the median of the rounds' ratios.
+OVERHEAD_ROUNDS = 3
+
+
+def _calls(fn: Any, seconds: float) -> list[float]:
+    """Seconds of each call of ``fn`` for about ``seconds``, at least one call."""
     times: list[float] = []
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
+    while not times or time.perf_counter() < deadline:
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
+
+
+def alternate(local: Any, hosted: Any, seconds: float, rounds: int = OVERHEAD_ROUNDS) -> dict[str, Any]:
+    """``local`` and ``hosted`` in turns, ``seconds`` each in all: medians of their calls, and
+    the median (min, max) of host / in-process over the rounds."""
+    local()  # warm up
+    hosted()
+    local_times: list[float] = []
+    host_times: list[float] = []
+    ratios = []
+    for _ in range(rounds):
+        a = _calls(local, seconds / rounds)
+        b = _calls(hosted, seconds / rounds)
+        local_times += a
+        host_times += b
+        ratios.append(statistics.median(b) / statistics.median(a))
+    return {
+        "in_process_ms": statistics.median(local_times) * 1e3,
+        "host_ms": statistics.median(host_times) * 1e3,
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "rounds": rounds,
+    }
 
 
 def bench_overhead(plan: Plan, model: str) -> list[dict[str, Any]]:
@@ -185,16 +214,17 @@ def bench_overhead(plan: Plan, model: str) -> list[dict[str, Any]]:
         with HostClient(sock, timeout=600) as client:
             for size in plan.batch_sizes:
                 texts = _texts(size)
-                local = _per_call(lambda t=texts, b=size: st.encode(t, batch_size=b), plan.overhead_seconds)
-                # interactive: the host's cost, not the bulk class's shorter batches (> 16 texts)
-                hosted = _per_call(
+                row = alternate(
+                    lambda t=texts, b=size: st.encode(t, batch_size=b),
+                    # interactive: the host's cost, not the bulk class's shorter batches (> 16 texts)
                     lambda t=texts, b=size: client.encode(t, batch_size=b, priority="interactive"),
                     plan.overhead_seconds,
                 )
-                rows.append(
-                    {"batch_size": size, "in_process_ms": local * 1e3, "host_ms": hosted * 1e3, "ratio": hosted / local}
+                rows.append({"batch_size": size} | row)
+                progress(
+                    f"overhead: batch {size}: in-process {row['in_process_ms']:.1f} ms, "
+                    f"host {row['host_ms']:.1f} ms, host / in-process {row['ratio']:.2f}"
                 )
-                progress(f"overhead: batch {size}: in-process {local * 1e3:.1f} ms, host {hosted * 1e3:.1f} ms")
     return rows
 
 
@@ -694,6 +724,12 @@ def _fmt(spread: dict[str, float] | None) -> str:
     return f"{spread['median']:.2f}" if low == high else f"{spread['median']:.2f} ({low}-{high})"
 
 
+def _overhead_spread(row: dict[str, Any]) -> dict[str, float]:
+    """An overhead row's ratio with its range over the rounds (results before rounds have none)."""
+    ratio = row["ratio"]
+    return {"median": ratio, "min": row.get("ratio_min", ratio), "max": row.get("ratio_max", ratio)}
+
+
 def _md_concurrency(c: dict[str, Any]) -> str:
     systems = [("host (dynamic batching)", c["host"])]
     if "host_int8" in c:
@@ -786,11 +822,14 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "### Overhead of the host (one worker with every core vs in-process)",
             "",
+            f"In-process and host calls in {OVERHEAD_ROUNDS} alternating rounds: median times, and the median "
+            "of the rounds' ratios with their range.",
+            "",
             "| batch size | in-process (ms) | host (ms) | host / in-process |",
             "|---:|---:|---:|---:|",
         ]
         parts += [
-            f"| {o['batch_size']} | {o['in_process_ms']:.1f} | {o['host_ms']:.1f} | {o['ratio']:.2f} |"
+            f"| {o['batch_size']} | {o['in_process_ms']:.1f} | {o['host_ms']:.1f} | {_fmt(_overhead_spread(o))} |"
             for o in r["overhead"]
         ]
         parts += ["", "### Concurrent clients, batch-1 requests", "", _md_concurrency(r["concurrency"]), ""]

@@ -154,3 +154,27 @@ def test_paired_blocks_report_medians_of_the_ratios_within_each_block() -> None:
     assert paired._settings(["SHM_MODEL_WORKER_SPIN_MS=0", "X=a=b"]) == {"SHM_MODEL_WORKER_SPIN_MS": "0", "X": "a=b"}
     with pytest.raises(SystemExit, match="'oops' is not NAME=VALUE"):
         paired._settings(["oops"])
+
+
+def test_overhead_takes_turns_and_reports_the_median_of_each_rounds_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A scripted clock: each call advances it by its duration. The machine slows down 2x
+    # after the first round; the host costs 1.2x, 1.0x and 1.1x in-process in the rounds.
+    clock = [0.0]
+    order: list[str] = []
+    durations = {
+        "local": iter([1.0, 1.0, 2.0, 2.0]),  # warm-up, then one call a round
+        "host": iter([1.0, 1.2, 2.0, 2.2]),
+    }
+
+    def call(name: str) -> None:
+        order.append(name)
+        clock[0] += next(durations[name])
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    row = bench.alternate(lambda: call("local"), lambda: call("host"), seconds=3.0, rounds=3)
+    assert order == ["local", "host"] * 4
+    assert row["ratio"] == pytest.approx(1.1) and row["ratio_min"] == pytest.approx(1.0)
+    assert row["ratio_max"] == pytest.approx(1.2) and row["rounds"] == 3
+    assert row["in_process_ms"] == pytest.approx(2000.0) and row["host_ms"] == pytest.approx(2000.0)
+    assert bench._fmt(bench._overhead_spread(row)) == "1.10 (1.00-1.20)"
+    assert bench._fmt(bench._overhead_spread({"ratio": 0.99})) == "0.99"  # a result from before the rounds
