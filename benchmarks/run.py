@@ -179,7 +179,7 @@ def alternate(local: Any, hosted: Any, seconds: float, rounds: int = OVERHEAD_RO
     hosted()
     local_times: list[float] = []
     host_times: list[float] = []
-    ratios = []
+    ratios: list[float] = []
     for _ in range(rounds):
         a = _calls(local, seconds / rounds)
         b = _calls(hosted, seconds / rounds)
