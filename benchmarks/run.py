@@ -173,8 +173,8 @@ def _calls(fn: Any, seconds: float) -> list[float]:
 
 
 def alternate(local: Any, hosted: Any, seconds: float, rounds: int = OVERHEAD_ROUNDS) -> dict[str, Any]:
-    """``local`` and ``hosted`` in turns, ``seconds`` each in all: medians of their calls, and
-    the median (min, max) of host / in-process over the rounds."""
+    """``local`` and ``hosted`` in turns, ``seconds`` each in all: medians of their calls, host /
+    in-process in each round, and the median of those."""
     local()  # warm up
     hosted()
     local_times: list[float] = []
@@ -190,9 +190,7 @@ def alternate(local: Any, hosted: Any, seconds: float, rounds: int = OVERHEAD_RO
         "in_process_ms": statistics.median(local_times) * 1e3,
         "host_ms": statistics.median(host_times) * 1e3,
         "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "rounds": rounds,
+        "ratios": ratios,
     }
 
 
@@ -724,12 +722,6 @@ def _fmt(spread: dict[str, float] | None) -> str:
     return f"{spread['median']:.2f}" if low == high else f"{spread['median']:.2f} ({low}-{high})"
 
 
-def _overhead_spread(row: dict[str, Any]) -> dict[str, float]:
-    """An overhead row's ratio with its range over the rounds (results before rounds have none)."""
-    ratio = row["ratio"]
-    return {"median": ratio, "min": row.get("ratio_min", ratio), "max": row.get("ratio_max", ratio)}
-
-
 def _md_concurrency(c: dict[str, Any]) -> str:
     systems = [("host (dynamic batching)", c["host"])]
     if "host_int8" in c:
@@ -829,7 +821,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---:|---:|---:|---:|",
         ]
         parts += [
-            f"| {o['batch_size']} | {o['in_process_ms']:.1f} | {o['host_ms']:.1f} | {_fmt(_overhead_spread(o))} |"
+            f"| {o['batch_size']} | {o['in_process_ms']:.1f} | {o['host_ms']:.1f} | {_fmt(_spread(o['ratios']))} |"
             for o in r["overhead"]
         ]
         parts += ["", "### Concurrent clients, batch-1 requests", "", _md_concurrency(r["concurrency"]), ""]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import run as bench
 from tests.conftest import ROOT, base_env
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,8 @@ def test_tiny_benchmark_run_produces_every_section(tmp_path: Path) -> None:
     assert set(startup["host_boot_s"]) == {"import", "load", "place", "fork_until_ready"}
     assert [o["batch_size"] for o in bundled["overhead"]] == [1, 8]
     assert all(o["in_process_ms"] > 0 and o["host_ms"] > 0 for o in bundled["overhead"])
-    assert all(o["ratio_min"] <= o["ratio"] <= o["ratio_max"] for o in bundled["overhead"])
+    assert all(min(o["ratios"]) <= o["ratio"] <= max(o["ratios"]) for o in bundled["overhead"])
+    assert all(len(o["ratios"]) == bench.OVERHEAD_ROUNDS for o in bundled["overhead"])
     concurrency = bundled["concurrency"]
     for system in ("host", "host_int8", "naive"):
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in concurrency[system])
