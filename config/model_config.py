@@ -101,6 +101,7 @@ class HostConfig:
     dtype: str = "float32"
     weights: str = "auto"
     linear_kernel: str = "auto"
+    forward: str = "auto"
     max_frame_bytes: int = 64 * 1024 * 1024
     allowed_uids: tuple[int, ...] = ()
     graceful_timeout: float = 30.0

@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from shm_model.pressure import checkpoint_bytes
 from shm_model.scheduling import estimate_tokens
 from workers.model_source import resolve_device, resolve_model
 from workers.placement import drop_pages, file_mapped, place_weights
+
+if TYPE_CHECKING:
+    from workers.traced import TracedForward
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class Backend(abc.ABC):
     name = location = device = ""
     dtype = "float32"
     linear_kernel = "torch"  # float32 Linear layers: "onednn" (packed weights) or "torch"
+    forward = "eager"  # a worker's forward pass: "traced" (TorchScript, ``workers.traced``) or "eager"
     dimension = max_seq_length = weight_bytes = 0
     #: Where a paused batch can stop during one encode (the model's layers): a query waits at
     #: most one of these steps for a running bulk batch's cores.
@@ -84,8 +88,11 @@ class Backend(abc.ABC):
         """Tokens of each text with its prompt and the special tokens, before any truncation
         (the model encodes at most ``max_seq_length`` of them)."""
 
-    def encode_counted(self, texts: list[str], prompt: str | None) -> tuple[np.ndarray, list[int]]:
-        """``encode`` and ``count_tokens`` of one batch (a backend may share their work)."""
+    def encode_counted(
+        self, texts: list[str], prompt: str | None, *, pausable: bool = False
+    ) -> tuple[np.ndarray, list[int]]:
+        """``encode`` and ``count_tokens`` of one batch (a backend may share their work).
+        ``pausable``: the batch must stop at the gate between layers (``set_gate``)."""
         return self.encode(texts, prompt), self.count_tokens(texts, prompt)
 
     def describe(self) -> dict[str, Any]:
@@ -100,6 +107,7 @@ class Backend(abc.ABC):
             "weights": dict(self.placement),
             "dtype": self.dtype,
             "linear_kernel": self.linear_kernel,
+            "forward": self.forward,
             "pause_points": self.pause_points,
             "import_seconds": round(self.import_seconds, 3),
             "load_seconds": round(self.load_seconds, 3),
@@ -109,6 +117,8 @@ class Backend(abc.ABC):
 
 class SentenceTransformerBackend(Backend):
     """A SentenceTransformer in eval mode whose weights are placed for sharing."""
+
+    _traced: TracedForward | None = None
 
     def __init__(self, model_cfg: ModelConfig, host_cfg: HostConfig, *, place: bool = True) -> None:
         super().__init__()
@@ -192,6 +202,40 @@ class SentenceTransformerBackend(Backend):
         # ``preprocess`` is the input module's tokenization with the prompt; a release whose
         # model lacks it (older ones have ``tokenize``) goes through ``encode``.
         self._forward_directly = callable(getattr(model, "preprocess", None))
+        self._traced = self._trace(host_cfg.forward)
+        self.forward = "eager" if self._traced is None else "traced"
+
+    def _why_eager(self) -> str:
+        """Why this model's forward pass cannot be traced, or ''."""
+        if self.device != "cpu":
+            return f"traces run on the CPU only; this model is on {self.device}"
+        if self.linear_kernel != "torch":
+            return "the Linear layers packed for oneDNN cannot be traced; set SHM_MODEL_LINEAR_KERNEL=torch"
+        if not self._forward_directly:
+            return "this sentence-transformers release has no SentenceTransformer.preprocess"
+        return ""
+
+    def _trace(self, requested: str) -> TracedForward | None:
+        """Traces of the forward pass (SHM_MODEL_FORWARD), made here, before the fork: forked
+        workers share them as they share the weights (made in each worker, tracing, which reads
+        every attribute of every module, left about 15 MB of private pages in each). In the
+        supervisor their checks run at its one thread, which starts no thread pool."""
+        if requested == "eager":
+            return None
+        why_eager = self._why_eager()
+        if why_eager:
+            if requested == "traced":
+                raise ConfigError(f"SHM_MODEL_FORWARD=traced: {why_eager}")
+            return None
+        from workers.traced import TracedForward
+
+        try:
+            return TracedForward.build(self.model, [None, *self.prompts.values()])
+        except Exception as exc:
+            if requested == "traced":
+                raise ConfigError(f"SHM_MODEL_FORWARD=traced: the model could not be traced: {exc}") from exc
+            log.warning("the forward pass stays eager: %s: %s", type(exc).__name__, exc)
+            return None
 
     def prepare_worker(self, threads: int) -> None:
         self._torch.set_num_threads(threads)
@@ -221,7 +265,9 @@ class SentenceTransformerBackend(Backend):
             )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-    def encode_counted(self, texts: list[str], prompt: str | None) -> tuple[np.ndarray, list[int]]:
+    def encode_counted(
+        self, texts: list[str], prompt: str | None, *, pausable: bool = False
+    ) -> tuple[np.ndarray, list[int]]:
         """One tokenization for both: a text's count is its row of the attention mask, unless
         the row is full (the text may have been cut), when it is counted again uncut. That
         saves the second tokenizer call, about 0.2-0.5 ms of a one-text batch on the bundled
@@ -231,7 +277,7 @@ class SentenceTransformerBackend(Backend):
         with self._torch.inference_mode():
             features = self.model.preprocess(texts, prompt=prompt)
             counts = self._mask_counts(features, texts, prompt)
-            return self._forward(features, len(texts)), counts
+            return self._forward(features, len(texts), pausable=pausable), counts
 
     def _mask_counts(self, features: dict[str, Any], texts: list[str], prompt: str | None) -> list[int]:
         mask = features.get("attention_mask")
@@ -248,13 +294,16 @@ class SentenceTransformerBackend(Backend):
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.dimension), dtype=np.float32)
 
-    def _forward(self, features: dict[str, Any], rows: int) -> np.ndarray:
+    def _forward(self, features: dict[str, Any], rows: int, *, pausable: bool = False) -> np.ndarray:
         """One batch through the model's modules, as ``SentenceTransformer.encode`` runs each of
         its batches, without what encode repeats on every call: ``eval()``, a walk over every
         parameter to find the device, sorting by length. That is about 1.2 ms of the 14 ms a
-        one-text batch takes on the bundled model, for the same vectors."""
+        one-text batch takes on the bundled model, for the same vectors. Through a trace where
+        the worker has one for the batch's features, unless the batch may pause between layers."""
         features = {k: v.to(self._device) if isinstance(v, self._torch.Tensor) else v for k, v in features.items()}
-        vectors = self.model(features)["sentence_embedding"]
+        vectors = None if pausable or self._traced is None else self._traced(features)
+        if vectors is None:
+            vectors = self.model(features)["sentence_embedding"]
         truncate_dim = getattr(self.model, "truncate_dim", None)
         if truncate_dim:
             vectors = vectors[..., :truncate_dim]

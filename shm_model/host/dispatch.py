@@ -284,15 +284,20 @@ class Dispatcher:
 
     def _pause_bulk(self, now: float) -> bool:
         """Lend the cores of running bulk batches to the interactive batch that is next."""
-        if not (self.cfg.pause_bulk and self.dynamic_threads) or self.scheduler.next_priority() != "interactive":
+        if self.scheduler.next_priority() != "interactive":
             return False
         paused = False
         for w in self.pool.busy():
-            if w.priority == "bulk" and w.pause is not None and w.paused_since is None:
+            if self._may_pause(w) and w.paused_since is None:
                 w.set_paused(True, now)
                 self.counters["bulk_pauses"] += 1
                 paused = True
         return paused
+
+    def _may_pause(self, w: WorkerHandle) -> bool:
+        """Whether ``w``'s batch may be paused for a query (it then runs the model's eager
+        layers, where the pause gate is)."""
+        return self.cfg.pause_bulk and self.dynamic_threads and w.priority == "bulk" and w.pause is not None
 
     def _resume_bulk(self, now: float) -> None:
         """Let paused bulk batches go on once no interactive batch runs."""
@@ -359,7 +364,7 @@ class Dispatcher:
         first = pieces[0].request
         header = {"op": "encode", "id": batch_id, "texts": texts, "prompt": first.prompt, "model": first.model}
         try:
-            w.writer.write(pack({**header, "threads": w.threads}))
+            w.writer.write(pack({**header, "threads": w.threads, "pausable": self._may_pause(w)}))
             await w.writer.drain()
             frame = await read_frame(w.reader, self.pool.frame_limit)
         except (ConnectionClosed, ConnectionError, OSError, ShmModelError):

@@ -30,6 +30,7 @@ MODEL_FIELDS = (
     "device",
     "dtype",
     "linear_kernel",
+    "forward",
     "prompts",
 )
 

@@ -74,6 +74,7 @@ def test_workers_hold_no_private_copy_of_the_weights(bundled_host: Host) -> None
     batch = [f"문장 {i}: 가나다라마바사 아자차카타파하" for i in range(64)] + TEXTS
     status = assert_workers_share_the_weights(bundled_host, batch, rounds=3)
     assert status["weight_bytes"] > 80 * 2**20
+    assert status["models"][0]["forward"] == "traced"  # the traces are the supervisor's too, shared
 
 
 @pytest.mark.serial  # a client's start and first vector within 2 s

@@ -51,6 +51,7 @@ class FakeSpawner:
     sockets: dict[int, socket.socket] = field(default_factory=dict)
     signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
     batches: list[tuple[int, list[str], int]] = field(default_factory=list)  # (pid, texts, threads)
+    gated: list[bool] = field(default_factory=list)  # each batch's "pausable", as the worker read it
     exited: list[tuple[int, int]] = field(default_factory=list)
     pauses: dict[int, bytearray] = field(default_factory=dict)  # each worker's pause flag
     paused_while: list[tuple[int, str]] = field(default_factory=list)  # (pid, text) a batch waited on
@@ -84,10 +85,12 @@ class FakeSpawner:
                 return
             if "__hang__" in texts:
                 await asyncio.Event().wait()
+            gated = frame.header.get("pausable") is True  # a worker passes the gate only then
+            self.gated.append(gated)
             for text in texts:  # "__layers__:N": N steps, passing the pause gate before each
                 if text.startswith("__layers__:"):
                     for _ in range(int(text.split(":")[1])):
-                        while self.pauses[pid][0]:
+                        while gated and self.pauses[pid][0]:
                             self.paused_while.append((pid, text))
                             await asyncio.sleep(0.001)
                         await asyncio.sleep(0.001)

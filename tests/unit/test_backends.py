@@ -283,6 +283,7 @@ def test_a_backend_describes_itself() -> None:
         "device": "cpu",
         "dtype": "float32",
         "linear_kernel": "torch",
+        "forward": "eager",
         "pause_points": 1,
         "prompts": {"query": "q: "},
         "weight_bytes": 100,

@@ -331,7 +331,8 @@ def test_a_batch_runs_through_the_model_once(bundled: Any) -> None:
     before = [set(layer._forward_pre_hooks) for layer in layers]
     try:
         bundled.set_gate(lambda: passed.append(1))
-        bundled.encode(["a"] * 40, None)  # more than sentence-transformers' default batch of 32
+        # more than sentence-transformers' default batch of 32; pausable: the eager layers, with the gate
+        bundled.encode_counted(["a"] * 40, None, pausable=True)
     finally:
         for layer, keep in zip(layers, before, strict=True):
             for key in set(layer._forward_pre_hooks) - keep:

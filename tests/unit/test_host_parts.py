@@ -322,6 +322,7 @@ def test_info_names_the_model_and_this_process() -> None:
                 "device": "cpu",
                 "dtype": None,
                 "linear_kernel": None,
+                "forward": None,
                 "prompts": None,
             }
         ],
@@ -347,6 +348,7 @@ def test_info_lists_every_served_model_the_first_being_the_default() -> None:
         "device": "cpu",
         "dtype": None,
         "linear_kernel": None,
+        "forward": None,
         "prompts": None,
     }
     assert out["models"][0]["dtype"] == "float32" and "x" not in out["models"][0]

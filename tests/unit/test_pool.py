@@ -350,6 +350,8 @@ def test_a_query_borrows_the_cores_of_a_running_bulk_batch_which_waits_between_l
         host.dispatcher.submit(chat, 2, {"texts": ["query"], "priority": "interactive"})  # type: ignore[arg-type]
         await until(lambda: 2 in chat.replies and 1 in ingest.replies, "both answers")
         query_threads = next(threads for _, texts, threads in host.spawner.batches if texts == ["query"])
+        # only a batch that may pause runs the layers that have the gate (a worker's eager ones)
+        assert host.spawner.gated == [pause_bulk, False]
         if pause_bulk:
             # Answered while the bulk batch waited, on the cores it lent; then the bulk batch went on.
             assert host.counters["bulk_pauses"] == 1 and host.spawner.paused_while
