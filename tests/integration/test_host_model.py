@@ -145,3 +145,4 @@ def test_int8_weights_are_close_to_float32_and_shared_by_the_workers(host_factor
     batch = [f"문장 {i}: 가나다라마바사 아자차카타파하" for i in range(64)] + texts
     status = assert_workers_share_the_weights(host, batch, rounds=3)
     assert status["weights"]["int8"] > 0 and status["models"][0]["dtype"] == "int8"
+    assert status["models"][0]["forward"] == "traced"  # int8 layers trace too

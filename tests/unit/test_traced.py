@@ -4,6 +4,7 @@ use, eager where a trace cannot serve (a pausable batch, a prompt length without
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,12 +83,16 @@ def test_one_trace_per_prompt_length_and_none_for_a_length_not_traced(monkeypatc
 
 
 @pytest.fixture(scope="module")
-def loaded() -> SentenceTransformerBackend:
+def loaded() -> Iterator[SentenceTransformerBackend]:
     """The bundled model as the supervisor loads it (SHM_MODEL_FORWARD=auto), at one thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return SentenceTransformerBackend(
-        ModelConfig.load({"MODEL_NAME": "bundled", "MODEL_DEVICE": "cpu"}), HostConfig.load({}), place=False
-    )
+    try:
+        yield SentenceTransformerBackend(
+            ModelConfig.load({"MODEL_NAME": "bundled", "MODEL_DEVICE": "cpu"}), HostConfig.load({}), place=False
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_bundled_model_is_traced_and_its_vectors_are_the_eager_ones(
