@@ -23,11 +23,11 @@ first calls took 27-63 ms against 14) and the graph kept does not grow with the 
 
 A trace keeps what the Python computed from its example as constants: a model whose forward
 branches on its inputs' values could give other inputs wrong vectors. So each trace is checked
-against the eager model on batches unlike its example (one unpadded text, a padded batch, and
-for the first trace a long text) and is used only if every vector agrees. The non-tensor
-features a batch comes with (the modality, the prompt's length in tokens) are part of what a
-trace assumes: there is one trace for each set of them, made at start for no prompt and for
-each of the model's prompts, and a batch with another set runs eager. So do batches that may
+against the eager model on batches unlike its example (one text, two texts of the same length,
+a padded batch, and for the first trace a long text) and is used only if every vector agrees.
+The non-tensor features a batch comes with (the modality, the prompt's length in tokens) are
+part of what a trace assumes: there is one trace for each set of them, made at load for no
+prompt and for each of the model's prompts, and a batch with another set runs eager. So do batches that may
 pause between layers for a query (the pause is a hook of the eager layers), and models whose
 Linear layers are packed for oneDNN (their row chunking is Python on the input's shape).
 """
@@ -54,6 +54,7 @@ MAX_TRACES = 8
 _EXAMPLE = ["표에서 2023년 매출을 찾아 주세요", "a second text, longer than the first: the example batch is padded"]
 _CHECKS = [
     ["짧은 질문"],
+    ["같은 길이의 두 문장", "같은 길이의 두 문장"],  # several rows, none padded
     ["one", "a padded batch of three texts of different lengths, " * 3, "분기별 영업이익 표"],
 ]
 
