@@ -230,11 +230,11 @@ class SentenceTransformerBackend(Backend):
         from workers.traced import TracedForward
 
         try:
-            return TracedForward.build(self.model, [None, *self.prompts.values()])
+            return TracedForward.build(self.model, [None, *self.prompts.values()], self.name)
         except Exception as exc:
             if requested == "traced":
                 raise ConfigError(f"SHM_MODEL_FORWARD=traced: the model could not be traced: {exc}") from exc
-            log.warning("the forward pass stays eager: %s: %s", type(exc).__name__, exc)
+            log.warning("the forward pass of %s stays eager: %s: %s", self.name, type(exc).__name__, exc)
             return None
 
     def prepare_worker(self, threads: int) -> None:

@@ -109,7 +109,7 @@ class TracedForward:
         self.traces: dict[Key, tuple[tuple[str, ...], torch.jit.ScriptModule]] = {}
 
     @classmethod
-    def build(cls, model: Any, prompts: Iterable[str | None]) -> TracedForward:
+    def build(cls, model: Any, prompts: Iterable[str | None], name: str = "the model") -> TracedForward:
         """Trace and check the forward pass for each of ``prompts`` (duplicates and prompts of
         the same token length share one); raises ``TraceMismatch`` if a check fails."""
         traced = cls(model)
@@ -118,7 +118,12 @@ class TracedForward:
             if len(traced.traces) >= MAX_TRACES:
                 break
             traced.add(prompt)
-        log.info("forward traced for %d prompt lengths in %.1f s", len(traced.traces), time.perf_counter() - started)
+        log.info(
+            "forward pass of %s traced for %d prompt length(s) in %.1f s",
+            name,
+            len(traced.traces),
+            time.perf_counter() - started,
+        )
         return traced
 
     def add(self, prompt: str | None) -> None:

@@ -147,7 +147,7 @@ def test_a_trace_that_fails_its_checks_leaves_auto_eager_and_stops_traced(
     monkeypatch.setattr(traced, "TOLERANCE", -1.0)  # no vector can agree
     with caplog.at_level(logging.WARNING, logger="workers.backends"):
         assert loaded._trace("auto") is None
-    assert "the forward pass stays eager: TraceMismatch" in caplog.text
+    assert "the forward pass of bundled stays eager: TraceMismatch" in caplog.text
     with pytest.raises(ConfigError, match="SHM_MODEL_FORWARD=traced: the model could not be traced"):
         loaded._trace("traced")
 
