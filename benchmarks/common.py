@@ -91,20 +91,12 @@ def host(model: str, **env: str) -> Iterator[str]:
                 stderr=out,
             )
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    wait_for_host(sock, timeout=1.0)
-                    break
-                except HostUnavailable:
-                    if proc.poll() is not None:
-                        with open(log, errors="replace") as f:
-                            tail = f.read()[-2000:].strip()
-                        raise RuntimeError(
-                            f"the host exited with {proc.returncode} before it answered:\n{tail}"
-                        ) from None
-                    if time.monotonic() > deadline:
-                        raise
+            try:
+                wait_for_host(sock, timeout=600, process=proc)
+            except HostUnavailable as exc:
+                with open(log, errors="replace") as f:
+                    tail = f.read()[-2000:].strip()
+                raise RuntimeError(f"{exc}:\n{tail}") from None
             yield sock
         finally:
             end(proc, timeout=60)

@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Collection, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -450,8 +450,19 @@ def _chunks(texts: list[str], size: int) -> Iterable[list[str]]:
     yield chunk
 
 
-def wait_for_host(socket_path: str | None = None, timeout: float = 60.0, interval: float = 0.05) -> dict[str, Any]:
-    """Poll until a host answers a ping on ``socket_path``; raise HostUnavailable at the deadline."""
+class _Process(Protocol):
+    """What ``wait_for_host`` needs of a started host process (``subprocess.Popen`` has it)."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+
+def wait_for_host(
+    socket_path: str | None = None, timeout: float = 60.0, interval: float = 0.05, process: _Process | None = None
+) -> dict[str, Any]:
+    """Poll until a host answers a ping on ``socket_path``; raise HostUnavailable at the deadline,
+    or as soon as ``process``, the host started for this socket, has exited."""
     deadline = time.monotonic() + timeout
     client = HostClient(socket_path, timeout=min(5.0, timeout))
     try:
@@ -459,6 +470,10 @@ def wait_for_host(socket_path: str | None = None, timeout: float = 60.0, interva
             try:
                 return client.ping()
             except (HostUnavailable, RequestTimeout):
+                if process is not None and process.poll() is not None:
+                    raise HostUnavailable(
+                        f"the host started on {client.socket_path} exited with {process.returncode} before it answered"
+                    ) from None
                 if time.monotonic() >= deadline:
                     raise HostUnavailable(f"no host answered on {client.socket_path} within {timeout:g}s") from None
                 time.sleep(interval)

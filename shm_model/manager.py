@@ -428,17 +428,10 @@ class ModelManager:
                     env={**os.environ, "SHM_MODEL_SOCKET": socket_path},
                 )
             self._started_host = proc
-            while True:
-                try:
-                    wait_for_host(socket_path, timeout=1.0)
-                    return
-                except HostUnavailable:
-                    if proc.poll() is not None:
-                        raise HostUnavailable(
-                            f"the host started on {socket_path} exited with {proc.returncode}; see {log_path}"
-                        ) from None
-                    if time.monotonic() > deadline:
-                        raise
+            try:
+                wait_for_host(socket_path, timeout=max(0.0, deadline - time.monotonic()), process=proc)
+            except HostUnavailable as exc:
+                raise HostUnavailable(f"{exc}; see {log_path}") from None
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)

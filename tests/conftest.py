@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shm_model.client import HostClient
-from shm_model.errors import HostUnavailable, RequestTimeout
+from shm_model.client import HostClient, wait_for_host
+from shm_model.errors import HostUnavailable
 from shm_model.memory import process_memory, smaps_breakdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,18 +78,10 @@ class Host:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        with HostClient(self.socket, timeout=5) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"host exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    client.ping()
-                    return
-                except (HostUnavailable, RequestTimeout):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"host not ready after {timeout}s:\n{self.log()}") from None
-                    time.sleep(0.05)
+        try:
+            wait_for_host(self.socket, timeout=timeout, process=self.proc)
+        except HostUnavailable as exc:
+            raise RuntimeError(f"{exc}:\n{self.log()}") from None
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; SIGKILL the whole process group if it does not exit in time."""

@@ -594,6 +594,28 @@ def test_wait_for_host_polls_until_a_host_answers(run_dir: Path, start: Callable
     assert str(info.value) == f"no host answered on {run_dir / 'never.sock'} within 0.2s"
 
 
+def test_wait_for_host_stops_when_the_started_host_has_exited(run_dir: Path) -> None:
+    class Exits:
+        """A started host that exits after its second poll."""
+
+        def __init__(self) -> None:
+            self.polls = 0
+            self.returncode: int | None = None
+
+        def poll(self) -> int | None:
+            self.polls += 1
+            if self.polls >= 2:
+                self.returncode = 3
+            return self.returncode
+
+    process = Exits()
+    path = run_dir / "exits.sock"
+    with pytest.raises(HostUnavailable) as info:
+        wait_for_host(str(path), timeout=30, interval=0.01, process=process)
+    assert str(info.value) == f"the host started on {path} exited with 3 before it answered"
+    assert process.polls == 2  # one poll after each failed ping, then no wait for the deadline
+
+
 def test_timeouts_reach_the_host_with_millisecond_precision(start: Callable[..., FakeHost]) -> None:
     host = start()
     with HostClient(host.path, timeout=10) as c:
