@@ -14,17 +14,32 @@ bundled (MiniLM-L6)    1        38.9 -> 40.7 ms  1000 -> 964 ms
 bundled (MiniLM-L6)    2        34.4 -> 31.7 ms  556 -> 566 ms
 =====================  =======  ===============  ===============
 
-So ``auto`` packs only a model with ``AUTO_MIN_BYTES`` or more of Linear weights at float32 (layers
+On an AMD EPYC with AVX-512 (VNNI, BF16), torch's kernel ran far slower than oneDNN's:
+
+=====================  =======  ===============  ===============
+model                  threads  one text         32 texts
+=====================  =======  ===============  ===============
+KURE-shaped            1        316 -> 157 ms    5.70 -> 2.98 s
+KURE-shaped            2        200 -> 90 ms     3.01 -> 1.58 s
+bundled (MiniLM-L6)    1        12.9 -> 8.3 ms   234 -> 145 ms
+bundled (MiniLM-L6)    2        10.6 -> 6.7 ms   134 -> 94 ms
+=====================  =======  ===============  ===============
+
+So ``auto`` packs a model with ``AUTO_MIN_BYTES`` or more of Linear weights at float32 (layers
 quantized to int8 counted at their float32 size; the layers such a model keeps in float32 are
-packed). The supervisor packs them before it forks, so every worker reads the same packed copy
-(anonymous memory shared copy-on-write; nothing writes to it). The float32 pages each packed
-weight was read from are dropped from the checkpoint's file mapping as it goes, so the weights
-stay about one copy in memory. Spawned workers pack their own copy, as they load their own model.
+packed), and a smaller one where oneDNN is measured clearly faster on this CPU: its largest layer
+timed on both kernels as the model loads (``packed_time_ratio``, at most ``AUTO_RATIO``). The
+supervisor packs them before it forks, so every worker reads the same packed copy (anonymous
+memory shared copy-on-write; nothing writes to it). The float32 pages each packed weight was read
+from are dropped from the checkpoint's file mapping as it goes, so the weights stay about one copy
+in memory. Spawned workers pack their own copy, as they load their own model.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +84,9 @@ ROW_CHUNK = 256
 #: ``auto`` packs a model whose float32 Linear weights are at least this large: there the kernels
 #: kept (above) are a few percent of them, and one text gains the most (the KURE-shaped model).
 AUTO_MIN_BYTES = 512 << 20
+#: ``auto`` packs a smaller model where oneDNN took at most this fraction of torch's time on the
+#: model's largest layer (about 0.6 on the AVX-512 CPU above; the AVX2 one's whole model, 0.9-1.05)
+AUTO_RATIO = 0.8
 
 
 def _linear_pointwise(*args: Any) -> torch.Tensor:
@@ -108,12 +126,17 @@ class PackedLinear(torch.nn.Module):
 
 
 def pack_linear_layers(
-    model: torch.nn.Module, release: Callable[[torch.Tensor], None] = lambda w: None, *, min_bytes: int = 0
+    model: torch.nn.Module,
+    release: Callable[[torch.Tensor], None] = lambda w: None,
+    *,
+    min_bytes: int = 0,
+    measure: bool = False,
 ) -> int:
     """Replace every float32 ``nn.Linear`` of ``model`` by a ``PackedLinear``; returns the bytes of
     the weights packed, as float32 (the biases stay parameters). ``release(weight)`` runs on each
-    replaced weight (to drop its pages). Nothing is packed when the weights are under
-    ``min_bytes``, or when the first layer's result differs from torch's."""
+    replaced weight (to drop its pages). Nothing is packed when the first layer's result differs
+    from torch's, or when the weights are under ``min_bytes`` unless ``measure`` and oneDNN runs
+    the largest layer in at most ``AUTO_RATIO`` of torch's time."""
     # (parent, name) only: an original layer is freed as soon as it is replaced (a checkpoint
     # loaded into private memory would otherwise be held twice until the last layer is packed).
     targets = [
@@ -123,16 +146,28 @@ def pack_linear_layers(
         if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
     ]
     total = sum(_weight_bytes(getattr(parent, name)) for parent, name in targets)
-    if total < min_bytes:
+    under = "%d MB of weights, under the %d MB that SHM_MODEL_LINEAR_KERNEL=auto packs"
+    if total < min_bytes and not measure:
         log.info(
-            "float32 Linear layers stay on torch's kernel: %d MB of weights, under the %d MB that "
-            "SHM_MODEL_LINEAR_KERNEL=auto packs (onednn packs any)",
+            "float32 Linear layers stay on torch's kernel: " + under + " (onednn packs any)",
             total >> 20,
             min_bytes >> 20,
         )
         return 0
     if not targets or not _agrees(getattr(*targets[0])):
         return 0
+    if total < min_bytes:
+        ratio = packed_time_ratio(max((getattr(parent, name) for parent, name in targets), key=_weight_bytes))
+        if ratio > AUTO_RATIO:
+            log.info(
+                "float32 Linear layers stay on torch's kernel: " + under + ", and oneDNN took %.2fx torch's time "
+                "on the largest layer here (onednn packs any)",
+                total >> 20,
+                min_bytes >> 20,
+                ratio,
+            )
+            return 0
+        log.info("oneDNN took %.2fx torch's time on the largest Linear layer here: packing", ratio)
     for parent, name in targets:
         linear = getattr(parent, name)
         setattr(parent, name, PackedLinear(linear))
@@ -140,6 +175,25 @@ def pack_linear_layers(
         del linear
     log.info("float32 Linear layers on oneDNN: %d packed (%d MB)", len(targets), total >> 20)
     return total
+
+
+def packed_time_ratio(linear: torch.nn.Linear, rows: int = ROW_STEP, rounds: int = 7, calls: int = 20) -> float:
+    """oneDNN's packed kernel's time on ``linear`` over torch's, for ``rows`` rows at this process's
+    thread count: the median of ``rounds`` alternating rounds' ratios of ``calls`` calls each."""
+    packed = PackedLinear(linear)
+    x = torch.randn(rows, linear.in_features, generator=torch.Generator().manual_seed(0))
+    ratios = []
+    with torch.inference_mode():
+        linear(x), packed(x)  # warm-up: oneDNN compiles its kernel for this row count
+        for _ in range(rounds):
+            times = []
+            for layer in (linear, packed):
+                started = time.perf_counter()
+                for _ in range(calls):
+                    layer(x)
+                times.append(time.perf_counter() - started)
+            ratios.append(times[1] / max(times[0], 1e-9))
+    return statistics.median(ratios)
 
 
 def _weight_bytes(linear: torch.nn.Linear) -> int:

@@ -226,6 +226,7 @@ def test_auto_packs_by_the_models_float32_size_with_its_int8_layers_counted(
     left in float32. ``auto`` counts both against ``AUTO_MIN_BYTES``; ``torch`` never packs."""
     fake_load(monkeypatch)
     monkeypatch.setattr(kernels, "AUTO_MIN_BYTES", least)
+    monkeypatch.setattr(kernels, "packed_time_ratio", lambda linear: 1.0)  # oneDNN no faster here
     b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_DTYPE": "int8"}))
     assert b.linear_kernel == kernel
     assert isinstance(b.model.layers[1], kernels.PackedLinear) == (kernel == "onednn")
@@ -234,6 +235,32 @@ def test_auto_packs_by_the_models_float32_size_with_its_int8_layers_counted(
     monkeypatch.setattr(kernels, "AUTO_MIN_BYTES", 0)
     b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_DTYPE": "int8", "SHM_MODEL_LINEAR_KERNEL": "torch"}))
     assert b.linear_kernel == "torch" and type(b.model.layers[1]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize(("ratio", "forward", "kernel"), [(0.5, "auto", "onednn"), (0.9, "auto", "torch")])
+def test_auto_packs_a_smaller_model_where_onednn_measures_faster(
+    monkeypatch: pytest.MonkeyPatch, ratio: float, forward: str, kernel: str
+) -> None:
+    fake_load(monkeypatch)
+    measured: list[tuple[int, int]] = []
+
+    def time_ratio(linear: torch.nn.Linear) -> float:
+        measured.append(tuple(linear.weight.shape))
+        return ratio
+
+    monkeypatch.setattr(kernels, "packed_time_ratio", time_ratio)
+    b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_FORWARD": forward}))
+    assert measured == [(16, 8)]  # the largest layer, once
+    assert b.linear_kernel == kernel and b.describe()["linear_kernel"] == kernel
+    assert all(isinstance(layer, kernels.PackedLinear) == (kernel == "onednn") for layer in b.model.layers)
+
+
+def test_auto_measures_nothing_when_the_forward_pass_must_be_traced(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_load(monkeypatch)
+    monkeypatch.setattr(kernels, "packed_time_ratio", lambda linear: pytest.fail("measured"))
+    with pytest.raises(ConfigError) as info:  # the fake model cannot be traced, for its own reason
+        st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_FORWARD": "traced"}))
+    assert "packed for oneDNN" not in str(info.value)
 
 
 def test_int8_without_placement_and_float32_report_no_int8_weights(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,12 +343,14 @@ def test_the_gate_is_passed_before_each_layer(
 @pytest.fixture(scope="module")
 def bundled() -> backends.SentenceTransformerBackend:
     return backends.SentenceTransformerBackend(
-        ModelConfig.load({"MODEL_NAME": "bundled", "MODEL_DEVICE": "cpu"}), HostConfig.load({}), place=True
+        ModelConfig.load({"MODEL_NAME": "bundled", "MODEL_DEVICE": "cpu"}),
+        HostConfig.load({"SHM_MODEL_LINEAR_KERNEL": "torch"}),  # auto's choice depends on the CPU
+        place=True,
     )
 
 
 def test_the_bundled_checkpoint_stays_file_mapped_under_auto(bundled: Any) -> None:
-    assert bundled.linear_kernel == "torch"  # too small for auto to pack
+    assert bundled.linear_kernel == "torch"
     assert bundled.placement["file"] > 0.9 * bundled.weight_bytes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -118,3 +119,45 @@ def test_a_model_under_min_bytes_is_not_packed(caplog: pytest.LogCaptureFixture)
     assert type(model.up) is torch.nn.Linear
     assert "0 MB of weights, under the 1 MB that SHM_MODEL_LINEAR_KERNEL=auto packs" in caplog.text
     assert pack_linear_layers(model, min_bytes=(64 * 256 * 2 + 64 * 64) * 4) > 0  # exactly enough
+
+
+def test_auto_packs_a_model_under_min_bytes_where_onednn_measures_faster(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    measured: list[tuple[int, ...]] = []
+    ratio = 0.9
+
+    def time_ratio(linear: torch.nn.Linear) -> float:
+        measured.append(tuple(linear.weight.shape))
+        return ratio
+
+    monkeypatch.setattr(kernels, "packed_time_ratio", time_ratio)
+    model = Block().eval()
+    with caplog.at_level(logging.INFO, logger="workers.kernels"):
+        assert pack_linear_layers(model, min_bytes=1 << 20, measure=True) == 0
+        assert "and oneDNN took 0.90x torch's time on the largest layer here" in caplog.text
+        assert type(model.up) is torch.nn.Linear
+        ratio = kernels.AUTO_RATIO
+        assert pack_linear_layers(model, min_bytes=1 << 20, measure=True) == (64 * 256 * 2 + 64 * 64) * 4
+    assert "oneDNN took 0.80x torch's time on the largest Linear layer here: packing" in caplog.text
+    assert measured == [(256, 64), (256, 64)]  # the largest layer (the first of the two as large)
+    measured.clear()
+    assert pack_linear_layers(Block().eval(), min_bytes=1 << 20) == 0  # no measure: by size only
+    assert pack_linear_layers(Block().eval(), min_bytes=0, measure=True) > 0  # large enough: nothing timed
+    assert measured == []
+
+
+def test_packed_time_ratio_is_the_packed_kernels_time_over_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    linear = torch.nn.Linear(64, 128).eval()
+    ratio = kernels.packed_time_ratio(linear, rounds=3, calls=5)
+    assert 0 < ratio < 100
+    real = kernels._linear_pointwise
+
+    def slow(*args: object) -> torch.Tensor:
+        deadline = time.perf_counter() + 0.002  # far longer than a 16 x 64 x 128 product
+        while time.perf_counter() < deadline:
+            pass
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "_linear_pointwise", slow)
+    assert kernels.packed_time_ratio(linear, rounds=3, calls=5) > 5
