@@ -291,8 +291,8 @@ def checkpoint_bytes(directory: str) -> dict[str, int]:
 @dataclass(frozen=True, kw_only=True)
 class GenerationNeeds:
     """What one generation of the model holds: weights by place (``file``: a read-only mapping of the
-    checkpoint, shared through the page cache; ``shm``/``anon``: a copy in memory) plus each worker's own
-    working memory."""
+    checkpoint, shared through the page cache; ``shm``/``anon``: a copy in memory; ``int8``/``packed``:
+    quantized or oneDNN-packed copies in the supervisor's memory) plus each worker's own working memory."""
 
     weights: Mapping[str, int]
     workers: int
@@ -320,9 +320,10 @@ class GenerationNeeds:
         return self.runtime + sum(self.weights.values()) + self.workers * self.worker_bytes
 
     def second(self) -> int:
-        """Bytes a second generation adds beside this one: its copied weights and its workers (file-mapped
-        weights of the same checkpoint are the same page-cache pages)."""
-        return self.weights.get("shm", 0) + self.weights.get("anon", 0) + self.workers * self.worker_bytes
+        """Bytes a second generation adds beside this one: every weight it holds in memory (shared, private,
+        quantized or packed) and its workers; file-mapped weights of the same checkpoint are the same
+        page-cache pages."""
+        return sum(v for k, v in self.weights.items() if k != "file") + self.workers * self.worker_bytes
 
     def describe(self) -> str:
         parts = [f"{mib(v)} {k}" for k, v in self.weights.items() if v]

@@ -72,12 +72,13 @@ def test_sixteen_threads_fifty_requests_each(bundled_host: Host, bundled_model) 
 
 def test_workers_hold_no_private_copy_of_the_weights(bundled_host: Host) -> None:
     batch = [f"문장 {i}: 가나다라마바사 아자차카타파하" for i in range(64)] + TEXTS
-    status = assert_workers_share_the_weights(bundled_host, batch, rounds=3)
+    # On a CPU where oneDNN measures faster, auto packs the Linear layers (the forward pass then
+    # runs eager) and a worker keeps oneDNN's kernels, up to about 27 MB (workers.kernels).
+    packed = bundled_host.status()["models"][0]["linear_kernel"] == "onednn"
+    status = assert_workers_share_the_weights(bundled_host, batch, rounds=3, allowance=(28 << 20) if packed else 0)
     assert status["weight_bytes"] > 80 * 2**20
-    # traced, the traces are the supervisor's too, shared; on a CPU where oneDNN measures faster,
-    # auto packs the Linear layers instead (the int8 host below pins torch's kernel and traces)
-    model = status["models"][0]
-    assert model["forward"] == ("eager" if model["linear_kernel"] == "onednn" else "traced")
+    # traced, the traces are the supervisor's too, shared (the int8 host below pins torch's kernel and traces)
+    assert status["models"][0]["forward"] == ("eager" if packed else "traced")
 
 
 @pytest.mark.serial  # a client's start and first vector within 2 s
@@ -110,7 +111,8 @@ def test_client_imports_neither_torch_nor_sentence_transformers(bundled_host: Ho
 def test_shm_placement_leaves_no_checkpoint_mapping(host_factory, placement: str) -> None:
     host = host_factory(MODEL_NAME="bundled", SHM_MODEL_WEIGHTS=placement)
     status = host.status()
-    assert status["weights"]["file"] == 0 and status["weights"]["shm"] >= status["weight_bytes"]
+    in_memory = sum(v for k, v in status["weights"].items() if k != "file")  # shm, and packed for oneDNN
+    assert status["weights"]["file"] == 0 and in_memory >= status["weight_bytes"]
     for pid in [status["pid"], *(w["pid"] for w in status["workers"])]:
         with open(f"/proc/{pid}/maps") as maps:
             assert "model.safetensors" not in maps.read()

@@ -120,6 +120,9 @@ def test_a_second_generation_adds_its_copied_weights_of_both_kinds_and_its_worke
     assert needs.second() == 200 + 30 + 3 * 7
     assert GenerationNeeds(weights={"anon": 30}, workers=0).second() == 30
     assert GenerationNeeds(weights={"file": 1000}, workers=0).second() == 0
+    # int8 and oneDNN-packed weights are copies a second generation makes again
+    packed = GenerationNeeds(weights={"file": 1000, "int8": 40, "packed": 500, "shm": 2}, workers=2, worker_bytes=7)
+    assert packed.second() == 40 + 500 + 2 + 2 * 7
 
 
 def test_a_reload_that_just_fits_overlaps_and_one_that_does_not_names_what_it_refused() -> None:
