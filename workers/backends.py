@@ -189,7 +189,9 @@ class SentenceTransformerBackend(Backend):
             auto = host_cfg.linear_kernel == "auto"
             least = max(0, AUTO_MIN_BYTES - 4 * quantized) if auto else 0
             measure = auto and host_cfg.forward != "traced"
-            packed = pack_linear_layers(model, release=drop_file_pages, min_bytes=least, measure=measure)
+            packed = pack_linear_layers(
+                model, release=drop_file_pages, min_bytes=least, measure=measure, label=model_cfg.name
+            )
         self.linear_kernel = "onednn" if packed else "torch"
         self.weight_bytes = quantized + packed + sum(t.numel() * t.element_size() for t in model.parameters())
         if placing:

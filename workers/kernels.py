@@ -133,12 +133,13 @@ def pack_linear_layers(
     *,
     min_bytes: int = 0,
     measure: bool = False,
+    label: str = "the model",
 ) -> int:
     """Replace every float32 ``nn.Linear`` of ``model`` by a ``PackedLinear``; returns the bytes of
     the weights packed, as float32 (the biases stay parameters). ``release(weight)`` runs on each
     replaced weight (to drop its pages). Nothing is packed when the first layer's result differs
     from torch's, or when the weights are under ``min_bytes`` unless ``measure`` and oneDNN runs
-    the largest layer in at most ``AUTO_RATIO`` of torch's time."""
+    the largest layer in at most ``AUTO_RATIO`` of torch's time. Log lines begin with ``label`` (the model's name)."""
     # (parent, name) only: an original layer is freed as soon as it is replaced (a checkpoint
     # loaded into private memory would otherwise be held twice until the last layer is packed).
     targets = [
@@ -151,31 +152,33 @@ def pack_linear_layers(
     under = "%d MB of weights, under the %d MB that SHM_MODEL_LINEAR_KERNEL=auto packs"
     if total < min_bytes and not measure:
         log.info(
-            "float32 Linear layers stay on torch's kernel: " + under + " (onednn packs any)",
+            "%s: float32 Linear layers stay on torch's kernel: " + under + " (onednn packs any)",
+            label,
             total >> 20,
             min_bytes >> 20,
         )
         return 0
-    if not targets or not _agrees(getattr(*targets[0])):
+    if not targets or not _agrees(getattr(*targets[0]), label):
         return 0
     if total < min_bytes:
         ratio = packed_time_ratio(max((getattr(parent, name) for parent, name in targets), key=_weight_bytes))
         if ratio > AUTO_RATIO:
             log.info(
-                "float32 Linear layers stay on torch's kernel: " + under + ", and oneDNN took %.2fx torch's time "
-                "on the largest layer here (onednn packs any)",
+                "%s: float32 Linear layers stay on torch's kernel: " + under + ", and oneDNN took %.2fx torch's "
+                "time on the largest layer here (onednn packs any)",
+                label,
                 total >> 20,
                 min_bytes >> 20,
                 ratio,
             )
             return 0
-        log.info("oneDNN took %.2fx torch's time on the largest Linear layer here: packing", ratio)
+        log.info("%s: oneDNN took %.2fx torch's time on the largest Linear layer here: packing", label, ratio)
     for parent, name in targets:
         linear = getattr(parent, name)
         setattr(parent, name, PackedLinear(linear))
         release(linear.weight)
         del linear
-    log.info("float32 Linear layers on oneDNN: %d packed (%d MB)", len(targets), total >> 20)
+    log.info("%s: float32 Linear layers on oneDNN: %d packed (%d MB)", label, len(targets), total >> 20)
     return total
 
 
@@ -202,7 +205,7 @@ def _weight_bytes(linear: torch.nn.Linear) -> int:
     return linear.weight.numel() * linear.weight.element_size()
 
 
-def _agrees(linear: torch.nn.Linear) -> bool:
+def _agrees(linear: torch.nn.Linear, label: str) -> bool:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, linear.in_features, generator=generator)
     with torch.inference_mode():
@@ -210,9 +213,14 @@ def _agrees(linear: torch.nn.Linear) -> bool:
         try:
             got = PackedLinear(linear)(x)
         except RuntimeError as exc:
-            log.warning("oneDNN's packed Linear failed (%s); float32 Linear layers stay on torch's kernel", exc)
+            log.warning(
+                "%s: oneDNN's packed Linear failed (%s); float32 Linear layers stay on torch's kernel", label, exc
+            )
             return False
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-        log.warning("oneDNN's packed Linear does not match torch's here; float32 Linear layers stay on torch's kernel")
+        log.warning(
+            "%s: oneDNN's packed Linear does not match torch's here; float32 Linear layers stay on torch's kernel",
+            label,
+        )
         return False
     return True

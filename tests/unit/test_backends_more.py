@@ -239,7 +239,7 @@ def test_auto_packs_by_the_models_float32_size_with_its_int8_layers_counted(
 
 @pytest.mark.parametrize(("ratio", "forward", "kernel"), [(0.5, "auto", "onednn"), (0.9, "auto", "torch")])
 def test_auto_packs_a_smaller_model_where_onednn_measures_faster(
-    monkeypatch: pytest.MonkeyPatch, ratio: float, forward: str, kernel: str
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ratio: float, forward: str, kernel: str
 ) -> None:
     fake_load(monkeypatch)
     measured: list[tuple[int, int]] = []
@@ -249,8 +249,11 @@ def test_auto_packs_a_smaller_model_where_onednn_measures_faster(
         return ratio
 
     monkeypatch.setattr(kernels, "packed_time_ratio", time_ratio)
-    b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_FORWARD": forward}))
+    with caplog.at_level(logging.INFO, logger="workers.kernels"):
+        b = st({"MODEL_DEVICE": "cpu"}, HostConfig.load({"SHM_MODEL_FORWARD": forward}))
     assert measured == [(16, 8)]  # the largest layer, once
+    assert f"m: oneDNN took {ratio:.2f}x" in caplog.text or f"and oneDNN took {ratio:.2f}x" in caplog.text
+    assert all(r.getMessage().startswith("m: ") for r in caplog.records)  # the model's name
     assert b.linear_kernel == kernel and b.describe()["linear_kernel"] == kernel
     assert all(isinstance(layer, kernels.PackedLinear) == (kernel == "onednn") for layer in b.model.layers)
 

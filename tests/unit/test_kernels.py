@@ -52,7 +52,7 @@ def test_packed_layers_give_torchs_results_for_any_input_layout(caplog: pytest.L
             got = model(x)
             assert got.shape == want.shape
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
-    assert [r.getMessage() for r in caplog.records] == ["float32 Linear layers on oneDNN: 3 packed (0 MB)"]
+    assert [r.getMessage() for r in caplog.records] == ["the model: float32 Linear layers on oneDNN: 3 packed (0 MB)"]
 
 
 def test_nothing_is_packed_when_onednn_disagrees_with_torch(
