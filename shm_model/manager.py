@@ -429,7 +429,7 @@ class ModelManager:
                 )
             self._started_host = proc
             try:
-                wait_for_host(socket_path, timeout=max(0.0, deadline - time.monotonic()), process=proc)
+                wait_for_host(socket_path, timeout=max(1.0, deadline - time.monotonic()), process=proc)
             except HostUnavailable as exc:
                 raise HostUnavailable(f"{exc}; see {log_path}") from None
         finally:

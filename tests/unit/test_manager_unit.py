@@ -991,6 +991,23 @@ def test_autostart_waits_for_the_started_host_until_the_load_timeout(
     assert process is popen.started[0]  # an exit of the started host ends the wait at once
     assert 0 < timeout <= m.config.load_timeout
 
+    class Late:
+        """The manager's ``time``, 10 s later at each reading: the start lock took the whole timeout."""
+
+        def __init__(self) -> None:
+            self.now = time_module.monotonic()
+            self.perf_counter, self.sleep = time_module.perf_counter, time_module.sleep
+
+        def monotonic(self) -> float:
+            self.now += 10.0
+            return self.now
+
+    monkeypatch.setattr(manager_module, "time", Late())
+    waits.clear()
+    with pytest.raises(HostUnavailable):
+        make("shared", socket=str(tmp_path / "run6" / "host.sock"), autostart=True).get_model()
+    assert [timeout for timeout, _ in waits] == [1.0]  # still one ping's wait, never a timeout of 0
+
 
 def test_a_fifo_in_place_of_the_host_log_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "host.log"
