@@ -317,9 +317,12 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         "kernel of the float32 Linear layers on the CPU: onednn packs their weights once for oneDNN "
         "in the supervisor, shared by the forked workers (one text on the KURE-shaped model: "
-        "1.2-1.5x faster than torch's own on an AVX2 CPU, same vectors; each worker keeps about "
-        "27 MB of oneDNN kernels); torch keeps torch's; auto is onednn for a model with 512 MB or "
-        "more of Linear weights at float32 (int8 layers counted at their float32 size), where torch has oneDNN",
+        "1.2-1.5x faster than torch's own on an AVX2 CPU, 2.0-2.2x on an AVX-512 one, same vectors; "
+        "each worker keeps up to about 27 MB of oneDNN kernels); torch keeps torch's; auto is onednn, "
+        "where torch has oneDNN, for a model with 512 MB or more of Linear weights at float32 (int8 "
+        "layers counted at their float32 size), and for a smaller one where oneDNN runs its largest "
+        "layer in at most 0.8x torch's time on this CPU (timed as the model loads; not with "
+        "SHM_MODEL_FORWARD=traced)",
         choice(*LINEAR_KERNELS),
         "host",
     ),
@@ -331,7 +334,8 @@ SETTINGS: tuple[Setting, ...] = (
         "pass, made once as the model loads and shared by forked workers (one text on the bundled "
         "model 0.90-0.94x the time at float32, 0.85x at int8; each trace is checked against the "
         "eager model first); eager runs the Python modules; auto traces where it can (not Linear "
-        "layers packed for oneDNN, not CUDA) and stays eager if a check fails. Bulk batches that "
+        "layers packed for oneDNN, which SHM_MODEL_LINEAR_KERNEL=auto prefers where it measures "
+        "faster; not CUDA) and stays eager if a check fails. Bulk batches that "
         "pause for queries always run eager",
         choice(*FORWARDS),
         "host",
